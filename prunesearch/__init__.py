@@ -1,0 +1,1 @@
+"""prunesearch: search the best way to prune an LLM."""

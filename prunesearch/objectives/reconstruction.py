@@ -1,0 +1,73 @@
+"""Model-wise reconstruction error of a pruned model against its dense original.
+
+The dense side is fixed for a study, so it is computed once: the hidden states H_d that enter
+lm_head on the calibration prompts. With logits = H W^T (+ b), the squared Frobenius error over
+all tokens is sum((H_p - H_d) G (H_p - H_d)^T) with G = W^T W: exact, and it never pays for the
+(vocab x hidden) lm_head per trial. The bias cancels in the difference. Soft-capped logits
+(Gemma-2) break the identity; there the logits are computed as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunesearch.models.forward import batches, final_hidden
+from prunesearch.objectives.lm import TOKEN_CHUNK, logits_from_hidden
+
+
+@dataclass
+class DenseReference:
+    ids: torch.Tensor  # (n, seq_len) the prompts
+    hidden: torch.Tensor  # (n, seq_len, hidden) dense hidden states entering lm_head, float32
+    gram: torch.Tensor  # (hidden, hidden) W^T W of lm_head, float64
+    batch_size: int
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> "DenseReference":
+        hidden = torch.cat([final_hidden(model, b).float().cpu() for b in batches(ids, batch_size)])
+        W = model.get_output_embeddings().weight.detach().double()
+        return cls(ids.cpu(), hidden, (W.t() @ W).cpu(), batch_size)
+
+    @cached_property
+    def dense_sq_norm(self) -> float:
+        """||H_d W^T||_F^2, to make the error relative (bias left out)."""
+        h = self.hidden.reshape(-1, self.hidden.shape[-1]).double()
+        return ((h @ self.gram) * h).sum().item()
+
+
+def _softcapped(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "final_logit_softcapping", None))
+
+
+@torch.no_grad()
+def reconstruction_error(model: nn.Module, ref: DenseReference, kl: bool = True) -> dict[str, float]:
+    """Frobenius norm of the logit difference (absolute and relative to the dense logits) and the
+    mean KL(dense || pruned) of next-token distributions, over every prompt token."""
+    sq, kl_sum, n_tokens = 0.0, 0.0, 0
+    for start in range(0, ref.ids.shape[0], ref.batch_size):
+        ids = ref.ids[start : start + ref.batch_size]
+        h_p = final_hidden(model, ids).float()
+        h_p = h_p.reshape(-1, h_p.shape[-1])
+        h_d = ref.hidden[start : start + ref.batch_size].reshape(-1, h_p.shape[-1]).to(h_p.device)
+        if not _softcapped(model):
+            delta = (h_p - h_d).double()
+            sq += ((delta @ ref.gram.to(delta.device)) * delta).sum().item()
+        if kl or _softcapped(model):
+            for c in range(0, h_p.shape[0], TOKEN_CHUNK):
+                lp = logits_from_hidden(model, h_p[c : c + TOKEN_CHUNK])
+                ld = logits_from_hidden(model, h_d[c : c + TOKEN_CHUNK])
+                if _softcapped(model):
+                    sq += (lp - ld).double().square().sum().item()
+                if kl:
+                    kl_sum += F.kl_div(F.log_softmax(lp, -1), F.log_softmax(ld, -1), log_target=True, reduction="sum").item()
+        n_tokens += h_p.shape[0]
+    out = {"frobenius": sq**0.5, "frobenius_rel": (sq / max(ref.dense_sq_norm, 1e-30)) ** 0.5}
+    if kl:
+        out["kl"] = kl_sum / n_tokens
+    return out

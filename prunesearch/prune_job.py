@@ -1,0 +1,101 @@
+"""One pruning job end to end: load, measure dense, prune, measure again, save with a report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from prunesearch.config import DataConfig, PruneConfig
+from prunesearch.data import token_sequences
+from prunesearch.errors import UserError
+from prunesearch.models import load_model
+from prunesearch.models.saving import bias_fold_problem, check_output_dir, save_pruned
+from prunesearch.objectives.lm import perplexity
+from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
+from prunesearch.pruning.engine import prune_model
+
+REPORT_NAME = "prune_report.json"
+
+
+def load_texts(tokenizer, calibration: DataConfig, evaluation: DataConfig | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Calibration and evaluation sequences; from one source they come from disjoint documents."""
+    shared = evaluation is not None and evaluation.source == calibration.source
+    calib = token_sequences(tokenizer, calibration.source, n_samples=calibration.samples, seq_len=calibration.seq_len,
+                            seed=calibration.seed, split="calibration" if shared else "all",
+                            text_field=calibration.text_field)
+    if evaluation is None:
+        return calib, None
+    held_out = token_sequences(tokenizer, evaluation.source, n_samples=evaluation.samples, seq_len=evaluation.seq_len,
+                               seed=evaluation.seed, split="evaluation" if shared else "all",
+                               text_field=evaluation.text_field, contiguous=True)
+    return calib, held_out
+
+
+def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Prune as ``cfg`` says; return the report (also written to ``out``/prune_report.json)."""
+    if out is not None:
+        check_output_dir(out, overwrite)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    m = cfg.model
+    lm = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_layers=m.max_layers)
+    model = lm.model
+    timings["load"] = time.perf_counter() - t
+    if out is not None and cfg.pruning.bias_compensation and (problem := bias_fold_problem(model)):
+        raise UserError(problem)
+
+    t = time.perf_counter()
+    calib, held_out = load_texts(lm.tokenizer, cfg.calibration, cfg.evaluation)
+    timings["data"] = time.perf_counter() - t
+    bs_eval = cfg.evaluation.batch_size if cfg.evaluation else 8
+    recon_ids = calib[: cfg.reconstruction_samples]
+
+    t = time.perf_counter()
+    dense_ppl = perplexity(model, held_out, bs_eval, progress, "dense perplexity") if held_out is not None else None
+    ref = DenseReference.compute(model, recon_ids, cfg.calibration.batch_size) if len(recon_ids) else None
+    timings["dense_eval"] = time.perf_counter() - t
+
+    result = prune_model(model, calib, cfg.pruning.spec(cfg.calibration.batch_size), progress=progress)
+    timings.update({f"prune_{k}": v for k, v in result.timings.items()})
+
+    t = time.perf_counter()
+    pruned_ppl = perplexity(model, held_out, bs_eval, progress, "pruned perplexity") if held_out is not None else None
+    recon = reconstruction_error(model, ref) if ref is not None else None
+    timings["pruned_eval"] = time.perf_counter() - t
+
+    report = {
+        "model": {"spec": lm.spec, "source": lm.source, "dtype": m.dtype, "device": str(next(model.parameters()).device),
+                  "layers": len(result.block_targets)},
+        "metric": cfg.pruning.metric,
+        "allocation": cfg.pruning.allocation if isinstance(cfg.pruning.allocation, str) else cfg.pruning.allocation.model_dump(),
+        "structure": result.structure,
+        "group": result.group,
+        "mode": cfg.pruning.mode,
+        "bias_compensation": cfg.pruning.bias_compensation,
+        "target_sparsity": cfg.pruning.sparsity,
+        "achieved_sparsity": result.achieved,
+        "stats_source": result.stats_source,
+        "calibration": {**cfg.calibration.model_dump(), "tokens": int(calib.numel())},
+        "evaluation": None if held_out is None else {**cfg.evaluation.model_dump(), "tokens": int(held_out.numel())},
+        "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl,
+                       "seq_len": cfg.evaluation.seq_len if cfg.evaluation else None},
+        "reconstruction": None if recon is None else {
+            "prompts": len(recon_ids), "seq_len": cfg.calibration.seq_len,
+            "dense": {k: 0.0 for k in recon}, "pruned": recon},
+        "blocks": [{"block": b, "target": tgt, "achieved": ach}
+                   for b, (tgt, ach) in enumerate(zip(result.block_targets, result.block_achieved()))],
+        "layers": [vars(r) for r in result.layers],
+        "added_bias": result.added_bias,
+        "config": cfg.model_dump(mode="json"),
+    }
+    if out is not None:
+        t = time.perf_counter()
+        save_pruned(model, lm.tokenizer, out, added_bias=result.added_bias, overwrite=overwrite)
+        timings["save"] = time.perf_counter() - t
+    report["timings"] = timings
+    if out is not None:
+        (Path(out) / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
+    return report

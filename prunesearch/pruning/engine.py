@@ -1,0 +1,211 @@
+"""The pruning engine: statistics -> allocation -> scores -> masks, applied in place.
+
+One-shot mode scores every layer with statistics from the dense model (one calibration
+forward). Sequential mode, as Wanda does, walks the decoder blocks in order: each block's
+statistics come from inputs that already went through the pruned blocks before it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunesearch.errors import UserError
+from prunesearch.models.families import PrunableLinear, decoder_blocks, linears_by_block, prunable_linears
+from prunesearch.models.forward import BlockInput, batches, capture_block_inputs, run_to_lm_head
+from prunesearch.pruning import metrics
+from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
+from prunesearch.pruning.budget import round_to_grid, weighted_mean
+from prunesearch.pruning.masks import NM, parse_structure, prune_mask
+from prunesearch.pruning.stats import ColumnStats, StatsCollector
+
+MODES = ("one_shot", "sequential")
+
+
+@dataclass
+class PruneSpec:
+    metric: str = "wanda"
+    sparsity: float = 0.5
+    allocation: str | dict = "uniform"
+    structure: str = "unstructured"
+    group: str = "auto"  # auto = the metric's own default comparison group
+    mode: str = "sequential"
+    bias_compensation: bool = False
+    max_sparsity: float = 0.95
+    batch_size: int = 8
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    block: int
+    kind: str
+    numel: int
+    target: float
+    achieved: float
+
+
+@dataclass
+class PruneResult:
+    layers: list[LayerRecord]
+    block_targets: list[float]
+    stats_source: str
+    group: str
+    structure: str
+    timings: dict[str, float] = field(default_factory=dict)
+    added_bias: list[str] = field(default_factory=list)
+
+    @property
+    def achieved(self) -> float:
+        return sum(l.achieved * l.numel for l in self.layers) / sum(l.numel for l in self.layers)
+
+    def block_achieved(self) -> list[float]:
+        sizes, zeros = {}, {}
+        for l in self.layers:
+            sizes[l.block] = sizes.get(l.block, 0) + l.numel
+            zeros[l.block] = zeros.get(l.block, 0) + l.achieved * l.numel
+        return [zeros[b] / sizes[b] for b in sorted(sizes)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["achieved"] = self.achieved
+        d["block_achieved"] = self.block_achieved()
+        return d
+
+
+def resolve_group(spec: PruneSpec) -> str:
+    if spec.group != "auto":
+        return spec.group
+    return metrics.METRICS.resolve(spec.metric)[0].meta.get("group", "row")
+
+
+def check_spec(spec: PruneSpec, linears: list[PrunableLinear] | None = None) -> NM | None:
+    """Every user-visible mistake in a spec, as a UserError, before any work is done."""
+    if not 0.0 <= spec.sparsity < 1.0:
+        raise UserError(f"sparsity must lie in [0, 1), got {spec.sparsity}")
+    if spec.mode not in MODES:
+        raise UserError(f"unknown mode '{spec.mode}': use {' or '.join(MODES)}")
+    metrics.METRICS.resolve(spec.metric)
+    ALLOCATIONS.resolve(spec.allocation)
+    if spec.group not in ("auto", "row", "layer"):
+        raise UserError(f"unknown comparison group '{spec.group}': use auto, row or layer")
+    if spec.batch_size < 1:
+        raise UserError("batch_size must be at least 1")
+    nm = parse_structure(spec.structure)
+    if nm is not None:
+        units = spec.sparsity * nm.m
+        if abs(units - round(units)) > 1e-6:
+            raise UserError(f"sparsity {spec.sparsity} is not a multiple of 1/{nm.m}: with structure {nm} use e.g. {nm.n / nm.m}")
+        for lin in linears or []:
+            if lin.d_in % nm.m:
+                raise UserError(f"structure {nm} does not fit {lin.name}: {lin.d_in} input columns is not a multiple of {nm.m}")
+    return nm
+
+
+def collect_stats(model: nn.Module, linears: list[PrunableLinear], ids: torch.Tensor, batch_size: int,
+                  progress: bool = False, desc: str = "calibration") -> dict[str, ColumnStats]:
+    """One decoder-only forward over the calibration ids with hooks on ``linears``."""
+    with StatsCollector(linears) as collector:
+        for batch in tqdm(list(batches(ids, batch_size)), desc=desc, disable=not progress, leave=False):
+            run_to_lm_head(model, batch)
+    return collector.stats
+
+
+class _LayerPruner:
+    """Scores, masks and (optionally) bias-compensates one linear layer in place."""
+
+    def __init__(self, spec: PruneSpec, group: str, nm: NM | None):
+        self.spec, self.group, self.nm = spec, group, nm
+        self.added_bias: list[str] = []
+
+    @torch.no_grad()
+    def __call__(self, lin: PrunableLinear, sparsity: float, stats: ColumnStats | None) -> float:
+        W = lin.weight
+        mask = prune_mask(metrics.score(self.spec.metric, W, stats), sparsity, self.group, self.nm)
+        if self.spec.bias_compensation:
+            self._compensate(lin, mask, stats)
+        W.masked_fill_(mask, 0)
+        return (W == 0).float().mean().item()
+
+    def _compensate(self, lin: PrunableLinear, mask: torch.Tensor, stats: ColumnStats) -> None:
+        """STADE: the pruned weights' expected contribution, sum_j mean(X_j) W_ij, moves into the bias."""
+        delta = (lin.weight.float() * mask) @ stats.mean_f32.to(lin.weight.device)
+        module = lin.module
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(lin.d_out, dtype=lin.weight.dtype, device=lin.weight.device), requires_grad=False)
+            self.added_bias.append(lin.name)
+        module.bias.data += delta.to(module.bias.dtype)
+
+
+def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpec, progress: bool = False) -> PruneResult:
+    """Prune ``model`` in place as ``spec`` says; ``calib_ids`` (n, seq_len) feed the statistics."""
+    t_start = time.perf_counter()
+    linears = prunable_linears(model)
+    blocks = linears_by_block(linears)
+    nm = check_spec(spec, linears)
+    group = resolve_group(spec)
+    alloc_entry, alloc_params = ALLOCATIONS.resolve(spec.allocation)
+    metric_stats = metrics.metric_needs_stats(spec.metric) or spec.bias_compensation
+    alloc_stats = alloc_entry.meta.get("needs_stats", True)
+    if (metric_stats or alloc_stats) and (calib_ids is None or calib_ids.numel() == 0):
+        raise UserError(f"metric '{spec.metric}' / allocation needs calibration text, and none was given")
+    timings: dict[str, float] = {}
+
+    def gather(desc: str = "calibration") -> dict[str, ColumnStats]:
+        t = time.perf_counter()
+        stats = collect_stats(model, linears, calib_ids, spec.batch_size, progress, desc)
+        timings["calibration"] = timings.get("calibration", 0.0) + time.perf_counter() - t
+        return stats
+
+    dense_stats = gather() if alloc_stats or (metric_stats and spec.mode == "one_shot") else None
+
+    t = time.perf_counter()
+    ctx = AllocationContext(blocks, dense_stats, spec.metric, group, nm, spec.max_sparsity)
+    ctx.refresh_stats = lambda: ctx.stats.update(gather("re-calibration"))
+    ratios = alloc_entry.fn(ctx, spec.sparsity, **alloc_params)
+    sizes = ctx.sizes
+    if nm is not None:
+        ratios = round_to_grid(ratios, sizes, spec.sparsity, nm.m)
+    timings["allocation"] = time.perf_counter() - t
+
+    pruner = _LayerPruner(spec, group, nm)
+    records: list[LayerRecord] = []
+
+    def prune_block(b: int, stats: dict[str, ColumnStats] | None) -> None:
+        for lin in blocks[b]:
+            achieved = pruner(lin, ratios[b], stats.get(lin.name) if stats else None)
+            records.append(LayerRecord(lin.name, b, lin.kind, lin.numel, ratios[b], achieved))
+
+    t = time.perf_counter()
+    if spec.mode == "one_shot":
+        for b in tqdm(range(len(blocks)), desc="pruning", disable=not progress, leave=False):
+            prune_block(b, dense_stats)
+        stats_source = "dense model, one pass" if metric_stats else "none (weights only)"
+    else:
+        _prune_sequential(model, blocks, calib_ids, spec.batch_size, metric_stats, prune_block, progress)
+        stats_source = "sequential: each block's inputs from the already pruned blocks" if metric_stats else "none (weights only)"
+    timings["pruning"] = time.perf_counter() - t  # sequential mode: includes the block forwards
+    timings["total"] = time.perf_counter() - t_start
+    if abs(weighted_mean(ratios, sizes) - spec.sparsity) > 1e-6 and alloc_entry.name != "explicit":
+        raise RuntimeError(f"allocation {alloc_entry.name} broke the budget: {weighted_mean(ratios, sizes)} != {spec.sparsity}")
+    return PruneResult(records, ratios, stats_source, group, str(nm) if nm else "unstructured", timings, pruner.added_bias)
+
+
+@torch.no_grad()
+def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_block, progress) -> None:
+    if not need_stats:
+        for b in range(len(blocks)):
+            prune_block(b, None)
+        return
+    modules = decoder_blocks(model)
+    inputs = capture_block_inputs(model, calib_ids, batch_size)
+    for b in tqdm(range(len(blocks)), desc="pruning blocks", disable=not progress, leave=False):
+        with StatsCollector(blocks[b]) as collector:
+            for inp in inputs:
+                inp.run(modules[b])
+        prune_block(b, collector.stats)
+        inputs = [BlockInput(inp.run(modules[b]), inp.args, inp.kwargs) for inp in inputs]

@@ -1,0 +1,52 @@
+"""Pruning metrics: functions (W, stats) -> scores, higher = keep. Formulas: shared/methods.md.
+
+W is a (d_out, d_in) float32 tensor; ``stats`` the input-column statistics of that layer (None
+for metrics that need none). Each metric names its default comparison group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunesearch.pruning.stats import ColumnStats
+from prunesearch.registry import Registry
+
+METRICS = Registry("metric")
+_TINY = 1e-12
+
+
+@METRICS.register("magnitude", needs_stats=False, group="row")
+def magnitude(W: torch.Tensor, stats: ColumnStats | None) -> torch.Tensor:
+    return W.abs()
+
+
+@METRICS.register("wanda", needs_stats=True, group="row")
+def wanda(W: torch.Tensor, stats: ColumnStats) -> torch.Tensor:
+    """|W_ij| * ||X_j||: weights times the norm of the input feature they multiply."""
+    return W.abs() * stats.wanda_norm.to(W.device)
+
+
+@METRICS.register("stade", needs_stats=True, group="row")
+def stade(W: torch.Tensor, stats: ColumnStats) -> torch.Tensor:
+    """|W_ij| * std(X_j): ranks exactly like W_ij^2 Var(X_j). The mean of X_j is restored by
+    the optional bias compensation rather than kept in the score."""
+    return W.abs() * stats.var.to(W.device).sqrt()
+
+
+@METRICS.register("ria", needs_stats=True, group="layer")
+def ria(W: torch.Tensor, stats: ColumnStats, *, a: float = 0.5) -> torch.Tensor:
+    """Relative importance (|W| over its row sum plus over its column sum) times ||X_j||^a."""
+    A = W.abs()
+    relative = A / A.sum(dim=0, keepdim=True).clamp_min(_TINY) + A / A.sum(dim=1, keepdim=True).clamp_min(_TINY)
+    return relative * stats.wanda_norm.to(W.device).pow(a)
+
+
+def metric_needs_stats(spec: str) -> bool:
+    entry, _ = METRICS.resolve(spec)
+    return entry.meta.get("needs_stats", True)
+
+
+def score(spec: str, W: torch.Tensor, stats: ColumnStats | None) -> torch.Tensor:
+    """Scores of one layer under a metric spec such as ``wanda`` or ``ria:a=0.5`` (float32)."""
+    entry, params = METRICS.resolve(spec)
+    return entry.fn(W.float(), stats, **params)

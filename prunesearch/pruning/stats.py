@@ -1,0 +1,97 @@
+"""Per-input-column activation statistics, gathered by forward hooks in one streaming pass.
+
+Nothing stores activations: each batch is folded into running (count, mean, M2) with Chan's
+parallel update, in float64 so long calibration runs stay exact enough. From these follow
+Wanda's column norm, STADE's variance and the means that bias compensation needs. X^T X (for
+OBS-style methods) is optional: it costs d_in^2 per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from prunesearch.models.families import PrunableLinear
+
+
+@dataclass
+class ColumnStats:
+    d_in: int
+    device: torch.device
+    want_xtx: bool = False
+    n_tokens: int = 0
+    n_seqs: int = 0
+    mean: torch.Tensor = field(init=False)
+    m2: torch.Tensor = field(init=False)
+    xtx: torch.Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        self.mean = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
+        self.m2 = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
+        if self.want_xtx:
+            self.xtx = torch.zeros(self.d_in, self.d_in, dtype=torch.float32, device=self.device)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold one batch of inputs (..., d_in) in."""
+        self.n_seqs += x.shape[0] if x.dim() == 3 else 1
+        x = x.reshape(-1, self.d_in).float()
+        n_b = x.shape[0]
+        mean_b = x.mean(0)
+        m2_b = (x - mean_b).square().sum(0).double()
+        mean_b = mean_b.double()
+        n = self.n_tokens + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * (n_b / n)
+        self.m2 += m2_b + delta.square() * (self.n_tokens * n_b / n)
+        self.n_tokens = n
+        if self.xtx is not None:
+            self.xtx.addmm_(x.t(), x)
+
+    @property
+    def sumsq(self) -> torch.Tensor:
+        """Sum over all tokens of X_j^2."""
+        return self.m2 + self.n_tokens * self.mean.square()
+
+    @property
+    def wanda_norm(self) -> torch.Tensor:
+        """sqrt(mean over samples of ||X_j||^2), as Wanda's scaler_row (float32)."""
+        return (self.sumsq / max(self.n_seqs, 1)).sqrt().float()
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Unbiased per-column variance (float32)."""
+        return (self.m2 / max(self.n_tokens - 1, 1)).float()
+
+    @property
+    def mean_f32(self) -> torch.Tensor:
+        return self.mean.float()
+
+
+class StatsCollector:
+    """Context manager: hooks the given layers and accumulates their input statistics."""
+
+    def __init__(self, linears: list[PrunableLinear], want_xtx: bool = False):
+        self.linears = linears
+        self.want_xtx = want_xtx
+        self.stats: dict[str, ColumnStats] = {}
+        self._handles = []
+
+    def __enter__(self) -> "StatsCollector":
+        for lin in self.linears:
+            st = ColumnStats(lin.d_in, lin.module.weight.device, self.want_xtx)
+            self.stats[lin.name] = st
+            self._handles.append(lin.module.register_forward_hook(self._hook(st)))
+        return self
+
+    @staticmethod
+    def _hook(st: ColumnStats):
+        def hook(_module, inputs, _output):
+            st.update(inputs[0].detach())
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
