@@ -118,7 +118,8 @@ def _print_prune_report(report: dict, out: Path | None) -> None:
         table.add_row("mean KL(dense || pruned)", "0", f"{rec['kl']:.4f}")
     table.add_row("sparsity", "0", f"{report['achieved_sparsity']:.4f}")
     out_console.print(table)
-    blocks = " ".join(f"{b['target']:.2f}" for b in report["blocks"])
+    blocks = " ".join(f"{b['target']:.2f}" if not isinstance(b["target"], list) else "/".join(f"{x:.2f}" for x in b["target"])
+                      for b in report["blocks"])
     out_console.print(f"per-block sparsity: {blocks}")
     t = report["timings"]
     out_console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
@@ -141,3 +142,187 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- search commands
+
+DEFAULT_STORAGE = "sqlite:///studies.db"
+STORAGE_HELP = "Study database: any SQLAlchemy URL (default sqlite:///studies.db; PostgreSQL on a cluster)."
+
+
+def _summary_line(summary) -> str:
+    best = "-" if not summary.best_values else ", ".join(f"{v:.6g}" for v in summary.best_values)
+    return (f"study {summary.study}: {summary.finished} finished ({summary.complete} complete, {summary.pruned} pruned, "
+            f"{summary.failed} failed), best {best}, {summary.elapsed_s:.0f}s, stopped by {summary.stopped_by}")
+
+
+@app.command()
+def launch(
+    config: Path = typer.Argument(..., help="Study config YAML (see configs/default.yaml)."),
+    trials: Optional[int] = typer.Option(None, help="Finished trials the study ends with (overrides search.trials)."),
+    study: Optional[str] = typer.Option(None, help="Study name (default: derived from the config and its hash)."),
+    storage: Optional[str] = typer.Option(None, help=STORAGE_HELP),
+    workers: Optional[int] = typer.Option(None, help="Evaluator actors (overrides workers.count)."),
+    address: Optional[str] = typer.Option(None, help="Join a Ray cluster: auto or HOST:PORT (default: Ray in-process)."),
+    timeout: Optional[float] = typer.Option(None, help="Stop asking for new trials after this many seconds."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Run a search study: TPE over per-layer sparsity (and KV bits), evaluated by Ray workers,
+    every trial stored in the study database. Launching an existing study continues it."""
+    from prunesearch.config import StudyConfig, read_yaml, validate
+
+    data = read_yaml(config)
+    for dotted, value in {"search.trials": trials, "study": study, "storage": storage, "workers.count": workers,
+                          "workers.address": address, "search.timeout_s": timeout}.items():
+        _set(data, dotted, value)
+    cfg = validate(StudyConfig, data, str(config))
+    _run(cfg, quiet)
+
+
+def _run(cfg, quiet: bool) -> None:
+    from prunesearch.search.driver import run_study
+    from prunesearch.search.storage import mask_url
+
+    console.print(f"study [bold]{cfg.study or cfg.default_study_name()}[/] in {mask_url(cfg.storage)}: "
+                  f"{cfg.search.trials} trials, objectives {', '.join(cfg.objectives)}", highlight=False)
+    summary = run_study(cfg, progress=not quiet)
+    Console().print(_summary_line(summary), highlight=False)
+    if summary.stopped_by == "interrupt":
+        sys.exit(130)
+
+
+@app.command()
+def resume(
+    study: str = typer.Option(..., help="Name of the study to continue."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
+    trials: Optional[int] = typer.Option(None, help="New total of finished trials (default: the study's own)."),
+    workers: Optional[int] = typer.Option(None, help="Evaluator actors."),
+    address: Optional[str] = typer.Option(None, help="Join a Ray cluster: auto or HOST:PORT."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Continue a study from the database with the config it was launched with; trials lost by a
+    crash are re-run, and it ends with exactly the requested number of finished trials."""
+    from prunesearch.search.study import load_study_config
+
+    cfg, _ = load_study_config(study, storage)
+    updates = {"search.trials": trials, "workers.count": workers, "workers.address": address}
+    data = cfg.model_dump(mode="json")
+    for dotted, value in updates.items():
+        _set(data, dotted, value)
+    from prunesearch.config import StudyConfig, validate
+
+    _run(validate(StudyConfig, data, f"study '{study}'"), quiet)
+
+
+@app.command()
+def status(
+    study: Optional[str] = typer.Option(None, help="Show this study's trials, best and Pareto front (default: list studies)."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
+    limit: int = typer.Option(20, help="Trials to list (the best first)."),
+) -> None:
+    """Studies in the database, or one study's trials as a table."""
+    import optuna
+
+    from prunesearch.search.storage import mask_url, open_storage
+
+    out = Console()
+    store = open_storage(storage)
+    if study is None:
+        table = Table(title=f"studies in {mask_url(storage)}")
+        for col in ("study", "trials", "finished", "objectives", "best"):
+            table.add_column(col)
+        for s in optuna.get_all_study_summaries(store):
+            st = optuna.load_study(study_name=s.study_name, storage=store)
+            finished = [t for t in st.get_trials(deepcopy=False) if t.state.is_finished() and t.state.name != "FAIL"]
+            best = "-"
+            if len(st.directions) == 1 and any(t.state.name == "COMPLETE" for t in finished):
+                best = f"{st.best_value:.6g}"
+            table.add_row(s.study_name, str(s.n_trials), str(len(finished)), ", ".join(st.user_attrs.get("objectives", [])), best)
+        out.print(table)
+        return
+    from prunesearch.search.study import load_study_config
+
+    _cfg, st = load_study_config(study, storage)
+    _print_study(st, limit, out)
+
+
+def _print_study(st, limit: int, out: Console) -> None:
+    from optuna.trial import TrialState
+
+    names = st.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(st.directions))]
+    trials = st.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    out.print(f"study {st.study_name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v), highlight=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    front = {t.number for t in st.best_trials} if complete else set()
+    complete.sort(key=lambda t: tuple(v if d.name == "MINIMIZE" else -v for v, d in zip(t.values, st.directions)))
+    table = Table(title="complete trials, best first" + (" (* = Pareto front)" if len(names) > 1 else ""))
+    table.add_column("trial", justify="right")
+    for n in names:
+        table.add_column(n, justify="right")
+    table.add_column("sparsity", justify="right")
+    table.add_column("note")
+    for t in complete[:limit]:
+        mark = "*" if (len(names) > 1 and t.number in front) else ""
+        note = t.user_attrs.get("baseline", "") and f"baseline {t.user_attrs['baseline']}"
+        table.add_row(f"{t.number}{mark}", *[f"{v:.6g}" for v in t.values],
+                      f"{t.user_attrs.get('achieved_sparsity', float('nan')):.4f}", note)
+    out.print(table)
+
+
+@app.command()
+def export(
+    study: str = typer.Option(..., help="Study to export from."),
+    out: Path = typer.Option(..., "--out", "-o", help="Pruning config YAML to write (an llm-compressor recipe goes beside it)."),
+    pick: str = typer.Option("best", help="best, knee (multi-objective) or 'trial N'."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
+    apply: Optional[Path] = typer.Option(None, "--apply", help="Also prune the model with it and save it to this directory."),
+    overwrite: bool = typer.Option(False, help="Replace existing output files / --apply directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Write the chosen trial as a pruning config that `prunesearch prune --config` applies exactly."""
+    from prunesearch.config import PruneConfig, validate
+    from prunesearch.search.export import llmcompressor_recipe, pick_trial, prune_config, write_yaml
+    from prunesearch.search.study import load_study_config
+
+    cfg, st = load_study_config(study, storage)
+    trial = pick_trial(st, pick)
+    recipe_path = out.with_name(out.stem + ".recipe.yaml")
+    for path in (out, recipe_path):
+        if path.exists() and not overwrite:
+            raise UserError(f"{path} already exists: choose another --out or pass --overwrite")
+    if apply is not None:
+        from prunesearch.models.saving import check_output_dir
+
+        check_output_dir(apply, overwrite)
+    data = prune_config(cfg, trial)
+    validate(PruneConfig, data, "exported config")  # never write what prune would refuse
+    names = st.user_attrs.get("objectives", [])
+    values = ", ".join(f"{n} {v:.6g}" for n, v in zip(names, trial.values))
+    header = f"# prunesearch export: study {study}, trial {trial.number} ({values})\n# apply: prunesearch prune --config {out.name} --out DIR"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_yaml(out, data, header)
+    info = st.user_attrs.get("model_info", {})
+    recipe = llmcompressor_recipe(cfg, trial, info.get("block_class", "LlamaDecoderLayer"), info.get("linear_names", []))
+    write_yaml(recipe_path, recipe, f"# llm-compressor recipe for study {study}, trial {trial.number}")
+    Console().print(f"trial {trial.number} ({values}) -> {out} and {recipe_path}", highlight=False)
+    if apply is not None:
+        from prunesearch.prune_job import run_prune
+
+        report = run_prune(validate(PruneConfig, data, "exported config"), apply, overwrite=overwrite, progress=not quiet)
+        _print_prune_report(report, apply)
+
+
+@app.command()
+def report(
+    study: str = typer.Option(..., help="Study to plot."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the PNG plots."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
+) -> None:
+    """PNG plots: optimisation history, per-layer sparsity (best vs uniform vs OWL), Pareto front."""
+    from prunesearch.search.report import write_report
+    from prunesearch.search.study import load_study_config
+
+    _cfg, st = load_study_config(study, storage)
+    for path in write_report(st, out):
+        Console().print(f"wrote {path}", highlight=False)

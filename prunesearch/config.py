@@ -89,6 +89,7 @@ class PruneConfig(Strict):
     evaluation: EvalConfig | None = Field(default_factory=EvalConfig, description="null skips perplexity")
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     reconstruction_samples: int = Field(8, ge=0, description="calibration prompts used for the reconstruction error (0 skips it)")
+    kv_cache: KVCacheConfig | None = Field(None, description="evaluate with the KV cache quantized at kv_cache.bits per layer")
 
 
 def _as_value_error(fn) -> None:
@@ -132,3 +133,133 @@ def validate(cls: type[BaseModel], data: dict, where: str = "config"):
 
 def load_config(cls: type[BaseModel], path: str | Path):
     return validate(cls, read_yaml(path), str(path))
+
+
+# --------------------------------------------------------------------------- study configs
+
+class KVCacheConfig(Strict):
+    """Simulated KV-cache quantization (fake-quantize K and V where they enter the cache)."""
+
+    bits: list[int] | None = Field(None, description="fixed bits per decoder layer (prune configs); null = 16")
+    bits_choices: list[int] = Field([16, 8, 6, 4], description="what the search may pick per layer")
+    group_size: int = Field(32, ge=1)
+    key_axis: Literal["channel", "token"] = "channel"
+    value_axis: Literal["channel", "token"] = "token"
+
+    @field_validator("bits_choices", "bits")
+    @classmethod
+    def _bits_range(cls, v):
+        if v is not None and any(not 1 <= b <= 16 for b in v):
+            raise ValueError("KV bits must lie in 1..16")
+        return v
+
+
+class SpaceConfig(Strict):
+    name: str = Field("blockwise", description="blockwise (a free ratio per block) or owl (searched M and lambda)")
+    split_attn_mlp: bool = Field(False, description="separate ratios for the attention and MLP parts of a block")
+    min_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
+    max_sparsity: float = Field(0.95, gt=0.0, lt=1.0)
+    kv_bits: bool = Field(False, description="also search per-layer KV-cache bits (kv_cache.bits_choices)")
+    params: dict[str, Any] = Field(default_factory=dict, description="space-specific, e.g. owl: M_range, lam_range")
+
+    @field_validator("name")
+    @classmethod
+    def _known_space(cls, v: str) -> str:
+        from prunesearch.spaces import SPACES
+
+        _as_value_error(lambda: SPACES.get(v))
+        return v
+
+
+class SearchConfig(Strict):
+    sampler: Literal["tpe", "random"] = "tpe"
+    trials: int = Field(40, ge=1, description="finished (complete or pruned) trials the study ends with")
+    timeout_s: float | None = Field(None, gt=0, description="stop asking for new trials after this many seconds")
+    seed: int = 0
+    n_startup_trials: int = Field(8, ge=0)
+    pruner: Literal["median", "none"] = "median"
+    patience: int | None = Field(None, ge=1, description="stop after this many finished trials without a new best")
+    baselines: list[Literal["uniform", "owl"]] = Field(["uniform", "owl"], description="enqueued first, so the study can only improve on them")
+
+
+class WorkersConfig(Strict):
+    count: int = Field(1, ge=1, description="evaluator actors (each holds one model copy)")
+    num_cpus: float = Field(1, gt=0, description="Ray CPUs per actor")
+    num_gpus: float = Field(0, ge=0, description="Ray GPUs per actor")
+    threads: int | None = Field(None, ge=1, description="torch threads per actor (default: num_cpus)")
+    address: str | None = Field(None, description="Ray cluster address (auto or HOST:PORT); null starts Ray in-process")
+
+
+class StudyPruningConfig(Strict):
+    metric: str = "wanda"
+    sparsity: float = Field(0.7, ge=0.0, lt=1.0, description="the global budget every candidate meets")
+    structure: str = "unstructured"
+    group: Literal["auto", "row", "layer"] = "auto"
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        _as_value_error(lambda: METRICS.resolve(v))
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StudyPruningConfig":
+        _as_value_error(lambda: check_spec(PruneSpec(self.metric, self.sparsity, "uniform", self.structure, self.group, "one_shot")))
+        return self
+
+
+class StudyConfig(Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    calibration: DataConfig = Field(default_factory=DataConfig)
+    evaluation: EvalConfig | None = Field(None, description="held-out text; needed by the perplexity objective")
+    pruning: StudyPruningConfig = Field(default_factory=StudyPruningConfig)
+    reconstruction_samples: int = Field(8, ge=1, description="calibration prompts the reconstruction error runs on")
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
+    objectives: list[str] = Field(["frobenius"], min_length=1)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    storage: str = Field("sqlite:///studies.db", description="any SQLAlchemy URL; PostgreSQL on a cluster")
+    study: str | None = Field(None, description="study name; default derived from the config")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, v: list[str]) -> list[str]:
+        from prunesearch.objectives.registry import OBJECTIVES
+
+        for name in v:
+            _as_value_error(lambda: OBJECTIVES.get(name))
+        if len(set(v)) != len(v):
+            raise ValueError("an objective is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StudyConfig":
+        if "perplexity" in self.objectives and self.evaluation is None:
+            raise ValueError("the perplexity objective needs an evaluation section (held-out text)")
+        if self.space.kv_bits and "kv_bytes" not in self.objectives:
+            raise ValueError("searching KV bits needs the kv_bytes objective, else the search always picks 16 bits")
+        if not self.space.min_sparsity <= self.pruning.sparsity <= self.space.max_sparsity:
+            raise ValueError(f"impossible budget: pruning.sparsity {self.pruning.sparsity} lies outside "
+                             f"[space.min_sparsity {self.space.min_sparsity}, space.max_sparsity {self.space.max_sparsity}]")
+        if self.reconstruction_samples > self.calibration.samples:
+            raise ValueError("reconstruction_samples cannot exceed calibration.samples")
+        if self.search.pruner == "median" and len(self.objectives) > 1:
+            self.search.pruner = "none"  # Optuna prunes single-objective studies only
+        return self
+
+    def study_hash(self) -> str:
+        """What defines the study: everything but budgets, storage, naming and where workers run."""
+        import hashlib
+        import json
+
+        data = self.model_dump(mode="json", exclude={"storage": True, "study": True, "workers": True,
+                                                      "search": {"trials", "timeout_s", "patience"}})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def default_study_name(self) -> str:
+        model = Path(self.model.name).name.replace(".gguf", "") or "model"
+        return f"{model}-{self.pruning.metric.split(':')[0]}-s{round(self.pruning.sparsity * 100)}-{self.space.name}-{self.study_hash()[:8]}"
+
+
+PruneConfig.model_rebuild()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from prunesearch.config import DataConfig, PruneConfig
+from prunesearch.config import DataConfig, KVCacheConfig, PruneConfig
 from prunesearch.data import token_sequences
 from prunesearch.errors import UserError
 from prunesearch.models import load_model
@@ -21,17 +22,42 @@ REPORT_NAME = "prune_report.json"
 
 
 def load_texts(tokenizer, calibration: DataConfig, evaluation: DataConfig | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Calibration and evaluation sequences; from one source they come from disjoint documents."""
-    shared = evaluation is not None and evaluation.source == calibration.source
+    """Calibration and evaluation sequences. Calibration always draws from its source's
+    calibration partition and evaluation from the held-out one, so the two never share a
+    document, and the calibration set never depends on whether (or where) evaluation happens."""
     calib = token_sequences(tokenizer, calibration.source, n_samples=calibration.samples, seq_len=calibration.seq_len,
-                            seed=calibration.seed, split="calibration" if shared else "all",
-                            text_field=calibration.text_field)
+                            seed=calibration.seed, split="calibration", text_field=calibration.text_field)
     if evaluation is None:
         return calib, None
     held_out = token_sequences(tokenizer, evaluation.source, n_samples=evaluation.samples, seq_len=evaluation.seq_len,
-                               seed=evaluation.seed, split="evaluation" if shared else "all",
-                               text_field=evaluation.text_field, contiguous=True)
+                               seed=evaluation.seed, split="evaluation", text_field=evaluation.text_field, contiguous=True)
     return calib, held_out
+
+
+def kv_context(model, kv: KVCacheConfig | None):
+    """Fake-quantize the KV cache at the configured per-layer bits while evaluating."""
+    if kv is None or not kv.bits or all(b >= 16 for b in kv.bits):
+        return contextlib.nullcontext()
+    from prunesearch import kvcache
+
+    return kvcache.kv_quantization(model, kv.bits, kv_quant_config(kv))
+
+
+def kv_quant_config(kv: KVCacheConfig):
+    from prunesearch import kvcache
+
+    return kvcache.KVQuantConfig(key_axis=kv.key_axis, value_axis=kv.value_axis, group_size=kv.group_size,
+                                 bits_choices=kv.bits_choices)
+
+
+def kv_report(model, kv: KVCacheConfig | None) -> dict | None:
+    if kv is None or not kv.bits:
+        return None
+    from prunesearch import kvcache
+
+    cfg = kv_quant_config(kv)
+    return {"bits": kv.bits, "bytes_per_token": kvcache.kv_bytes_per_token(model.config, kv.bits, cfg),
+            "dense_bytes_per_token": kvcache.dense_kv_bytes_per_token(model.config)}
 
 
 def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True) -> dict:
@@ -62,8 +88,9 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
     timings.update({f"prune_{k}": v for k, v in result.timings.items()})
 
     t = time.perf_counter()
-    pruned_ppl = perplexity(model, held_out, bs_eval, progress, "pruned perplexity") if held_out is not None else None
-    recon = reconstruction_error(model, ref) if ref is not None else None
+    with kv_context(model, cfg.kv_cache):
+        pruned_ppl = perplexity(model, held_out, bs_eval, progress, "pruned perplexity") if held_out is not None else None
+        recon = reconstruction_error(model, ref) if ref is not None else None
     timings["pruned_eval"] = time.perf_counter() - t
 
     report = {
@@ -89,6 +116,7 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
                    for b, (tgt, ach) in enumerate(zip(result.block_targets, result.block_achieved()))],
         "layers": [vars(r) for r in result.layers],
         "added_bias": result.added_bias,
+        "kv_cache": kv_report(model, cfg.kv_cache),
         "config": cfg.model_dump(mode="json"),
     }
     if out is not None:

@@ -1,0 +1,7 @@
+"""Objectives: perplexity, model-wise reconstruction error (Gram trick), compression measures."""
+
+from prunesearch.objectives.lm import perplexity
+from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
+from prunesearch.objectives.registry import OBJECTIVES, directions, objective
+
+__all__ = ["OBJECTIVES", "DenseReference", "directions", "objective", "perplexity", "reconstruction_error"]

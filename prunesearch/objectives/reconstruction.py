@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +46,21 @@ def _softcapped(model: nn.Module) -> bool:
     return bool(getattr(model.config, "final_logit_softcapping", None))
 
 
+OnBatch = Callable[[int, dict[str, float]], bool]
+
+
 @torch.no_grad()
-def reconstruction_error(model: nn.Module, ref: DenseReference, kl: bool = True) -> dict[str, float]:
+def reconstruction_error(model: nn.Module, ref: DenseReference, kl: bool = True, on_batch: OnBatch | None = None) -> dict[str, float] | None:
     """Frobenius norm of the logit difference (absolute and relative to the dense logits) and the
-    mean KL(dense || pruned) of next-token distributions, over every prompt token."""
+    mean KL(dense || pruned) of next-token distributions, over every prompt token.
+
+    ``on_batch(step, running)`` sees the running values after each batch, scaled to the whole
+    prompt set so that steps compare across candidates; if it returns True the evaluation stops
+    early and the result is None (an Optuna pruner's verdict).
+    """
     sq, kl_sum, n_tokens = 0.0, 0.0, 0
-    for start in range(0, ref.ids.shape[0], ref.batch_size):
+    n_total = ref.ids.shape[0] * ref.ids.shape[1]
+    for step, start in enumerate(range(0, ref.ids.shape[0], ref.batch_size)):
         ids = ref.ids[start : start + ref.batch_size]
         h_p = final_hidden(model, ids).float()
         h_p = h_p.reshape(-1, h_p.shape[-1])
@@ -67,6 +77,12 @@ def reconstruction_error(model: nn.Module, ref: DenseReference, kl: bool = True)
                 if kl:
                     kl_sum += F.kl_div(F.log_softmax(lp, -1), F.log_softmax(ld, -1), log_target=True, reduction="sum").item()
         n_tokens += h_p.shape[0]
+        if on_batch is not None and on_batch(step, _summary(sq * n_total / n_tokens, kl_sum, n_tokens, ref, kl)):
+            return None
+    return _summary(sq, kl_sum, n_tokens, ref, kl)
+
+
+def _summary(sq: float, kl_sum: float, n_tokens: int, ref: DenseReference, kl: bool) -> dict[str, float]:
     out = {"frobenius": sq**0.5, "frobenius_rel": (sq / max(ref.dense_sq_norm, 1e-30)) ** 0.5}
     if kl:
         out["kl"] = kl_sum / n_tokens

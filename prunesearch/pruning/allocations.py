@@ -149,13 +149,15 @@ def mrp(
 
 
 @ALLOCATIONS.register("explicit", needs_stats=False)
-def explicit(ctx: AllocationContext, target: float, *, sparsities: list | None = None) -> list[float]:
-    """Per-block ratios given as they are (an exported search result)."""
+def explicit(ctx: AllocationContext, target: float, *, sparsities: list | None = None) -> list:
+    """Per-block ratios given as they are (an exported search result): one number per block,
+    or an [attention, MLP] pair per block."""
     if not sparsities or len(sparsities) != len(ctx.blocks):
         raise UserError(f"explicit allocation needs one sparsity per decoder block ({len(ctx.blocks)}), got {len(sparsities or [])}")
-    if any(not 0 <= float(s) < 1 for s in sparsities):
-        raise UserError("explicit sparsities must each lie in [0, 1)")
-    return [float(s) for s in sparsities]
+    flat = [x for s in sparsities for x in (s if isinstance(s, (list, tuple)) else [s])]
+    if any(isinstance(s, (list, tuple)) and len(s) != 2 for s in sparsities) or any(not 0 <= float(x) < 1 for x in flat):
+        raise UserError("explicit sparsities must each lie in [0, 1), given per block or as [attention, MLP] pairs")
+    return [[float(x) for x in s] if isinstance(s, (list, tuple)) else float(s) for s in sparsities]
 
 
 def allocation_needs_stats(spec) -> bool:

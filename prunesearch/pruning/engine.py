@@ -52,7 +52,7 @@ class LayerRecord:
 @dataclass
 class PruneResult:
     layers: list[LayerRecord]
-    block_targets: list[float]
+    block_targets: list  # per block: a ratio, or an [attention, MLP] pair
     stats_source: str
     group: str
     structure: str
@@ -75,6 +75,13 @@ class PruneResult:
         d["achieved"] = self.achieved
         d["block_achieved"] = self.block_achieved()
         return d
+
+
+def ratio_of(block_ratio: float | list[float], lin: PrunableLinear) -> float:
+    """A block's ratio, or its [attention, MLP] pair, for one of its layers."""
+    if isinstance(block_ratio, (list, tuple)):
+        return float(block_ratio[0] if lin.kind == "attn" else block_ratio[1])
+    return float(block_ratio)
 
 
 def resolve_group(spec: PruneSpec) -> str:
@@ -168,7 +175,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     ctx.refresh_stats = lambda: ctx.stats.update(gather("re-calibration"))
     ratios = alloc_entry.fn(ctx, spec.sparsity, **alloc_params)
     sizes = ctx.sizes
-    if nm is not None:
+    if nm is not None and alloc_entry.name != "explicit":
         ratios = round_to_grid(ratios, sizes, spec.sparsity, nm.m)
     timings["allocation"] = time.perf_counter() - t
 
@@ -177,8 +184,9 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
 
     def prune_block(b: int, stats: dict[str, ColumnStats] | None) -> None:
         for lin in blocks[b]:
-            achieved = pruner(lin, ratios[b], stats.get(lin.name) if stats else None)
-            records.append(LayerRecord(lin.name, b, lin.kind, lin.numel, ratios[b], achieved))
+            target = ratio_of(ratios[b], lin)
+            achieved = pruner(lin, target, stats.get(lin.name) if stats else None)
+            records.append(LayerRecord(lin.name, b, lin.kind, lin.numel, target, achieved))
 
     t = time.perf_counter()
     if spec.mode == "one_shot":
@@ -190,7 +198,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
         stats_source = "sequential: each block's inputs from the already pruned blocks" if metric_stats else "none (weights only)"
     timings["pruning"] = time.perf_counter() - t  # sequential mode: includes the block forwards
     timings["total"] = time.perf_counter() - t_start
-    if abs(weighted_mean(ratios, sizes) - spec.sparsity) > 1e-6 and alloc_entry.name != "explicit":
+    if alloc_entry.name != "explicit" and abs(weighted_mean(ratios, sizes) - spec.sparsity) > 1e-6:
         raise RuntimeError(f"allocation {alloc_entry.name} broke the budget: {weighted_mean(ratios, sizes)} != {spec.sparsity}")
     return PruneResult(records, ratios, stats_source, group, str(nm) if nm else "unstructured", timings, pruner.added_bias)
 

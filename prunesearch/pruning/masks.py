@@ -42,12 +42,43 @@ def parse_structure(text: str | None) -> NM | None:
     return None if text in (None, "", "unstructured") else NM.parse(text)
 
 
-def _lowest(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(scores, dim=dim, stable=True).indices
-        mask.scatter_(dim, order.narrow(dim, 0, k), True)
-    return mask
+def _rank_dtype(n: int) -> torch.dtype:
+    return torch.int16 if n <= 2**15 else torch.int32 if n <= 2**31 else torch.int64
+
+
+def _ranks_along_last(scores: torch.Tensor) -> torch.Tensor:
+    """Position of every entry in its row's stable ascending order (ties: lower index first)."""
+    n = scores.shape[-1]
+    order = torch.sort(scores, dim=-1, stable=True).indices
+    ranks = torch.empty(order.shape, dtype=_rank_dtype(n), device=scores.device)
+    positions = torch.arange(n, device=scores.device, dtype=ranks.dtype).expand_as(order)
+    return ranks.scatter_(-1, order, positions)
+
+
+def score_ranks(scores: torch.Tensor, group: str = "row", nm: NM | None = None) -> torch.Tensor:
+    """Ranks of a (d_out, d_in) score matrix within its comparison groups, same shape.
+
+    Computed once per metric, ranks turn any sparsity into a mask by one comparison
+    (``ranks < count_pruned(...)``), with no new sort: this is what makes a search trial cheap.
+    """
+    d_out, d_in = scores.shape
+    if nm is not None:
+        if d_in % nm.m:
+            raise UserError(f"structure N:{nm.m} does not fit a layer with {d_in} input columns ({d_in} % {nm.m} != 0)")
+        return _ranks_along_last(scores.reshape(d_out, d_in // nm.m, nm.m)).reshape(d_out, d_in)
+    if group == "row":
+        return _ranks_along_last(scores)
+    if group == "layer":
+        return _ranks_along_last(scores.reshape(-1)).reshape(d_out, d_in)
+    raise UserError(f"unknown comparison group '{group}': use {' or '.join(GROUPS)}")
+
+
+def count_pruned(sparsity: float, shape: tuple[int, int], group: str = "row", nm: NM | None = None) -> int:
+    """How many entries of each comparison group go: floor(s * group size), or round(s * M) for N:M."""
+    if nm is not None:
+        return round(sparsity * nm.m)
+    size = shape[1] if group == "row" else shape[0] * shape[1]
+    return int(math.floor(sparsity * size + 1e-9))
 
 
 def prune_mask(scores: torch.Tensor, sparsity: float, group: str = "row", nm: NM | None = None) -> torch.Tensor:
@@ -56,14 +87,4 @@ def prune_mask(scores: torch.Tensor, sparsity: float, group: str = "row", nm: NM
     Unstructured: per row the lowest floor(s * d_in) go (Wanda's group), or per layer the lowest
     floor(s * numel). N:M: ``nm`` gives M; the number pruned per block of M is round(s * M).
     """
-    d_out, d_in = scores.shape
-    if nm is not None:
-        if d_in % nm.m:
-            raise UserError(f"structure N:{nm.m} does not fit a layer with {d_in} input columns ({d_in} % {nm.m} != 0)")
-        n = round(sparsity * nm.m)
-        return _lowest(scores.reshape(d_out, d_in // nm.m, nm.m), n, dim=2).reshape(d_out, d_in)
-    if group == "row":
-        return _lowest(scores, int(math.floor(sparsity * d_in + 1e-9)), dim=1)
-    if group == "layer":
-        return _lowest(scores.reshape(1, -1), int(math.floor(sparsity * scores.numel() + 1e-9)), dim=1).reshape(d_out, d_in)
-    raise UserError(f"unknown comparison group '{group}': use {' or '.join(GROUPS)}")
+    return score_ranks(scores, group, nm) < count_pruned(sparsity, tuple(scores.shape), group, nm)

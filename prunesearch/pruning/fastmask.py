@@ -1,0 +1,57 @@
+"""Masks for many candidates on one model: rank once, then every candidate is a comparison.
+
+A search evaluates hundreds of sparsity allocations under one metric. The scores and their
+per-group ranks depend only on the dense weights and the calibration statistics, so they are
+computed once; a candidate's masks are then ``ranks < k`` applied in place over a kept dense
+copy (no sort, no new model).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunesearch.models.families import PrunableLinear
+from prunesearch.pruning import metrics
+from prunesearch.pruning.masks import NM, count_pruned, score_ranks
+from prunesearch.pruning.stats import ColumnStats
+
+
+class FastMasker:
+    def __init__(self, linears: list[PrunableLinear], stats: dict[str, ColumnStats] | None, metric: str,
+                 group: str = "row", nm: NM | None = None):
+        self.linears, self.group, self.nm = linears, group, nm
+        self.dense = {l.name: l.weight.clone() for l in linears}
+        self.ranks = {}
+        self.rerank(stats, metric)
+
+    @torch.no_grad()
+    def rerank(self, stats: dict[str, ColumnStats] | None, metric: str) -> None:
+        """Score every layer under ``metric`` (on the dense weights) and keep only the ranks."""
+        self.metric = metric
+        for lin in self.linears:
+            scores = metrics.score(metric, self.dense[lin.name], stats.get(lin.name) if stats else None)
+            self.ranks[lin.name] = score_ranks(scores, self.group, self.nm)
+
+    @torch.no_grad()
+    def apply(self, sparsity: dict[str, float]) -> int:
+        """Prune each layer to its ratio (from the dense weights); returns the number of weights masked."""
+        masked = 0
+        for lin in self.linears:
+            W, ranks = lin.weight, self.ranks[lin.name]
+            k = count_pruned(sparsity[lin.name], tuple(W.shape), self.group, self.nm)
+            W.copy_(self.dense[lin.name])
+            if k > 0:
+                mask = ranks < k
+                W.masked_fill_(mask, 0)
+                masked += self._count(k, W.shape)
+        return masked
+
+    def _count(self, k: int, shape: torch.Size) -> int:
+        if self.nm is not None:
+            return k * shape[0] * (shape[1] // self.nm.m)
+        return k * shape[0] if self.group == "row" else k
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for lin in self.linears:
+            lin.weight.copy_(self.dense[lin.name])

@@ -1,0 +1,119 @@
+"""From a finished study to something usable: a pruning config that ``prunesearch prune
+--config`` applies exactly, an llm-compressor recipe, and (optionally) the pruned model.
+
+The exported config pins everything the trial's value depended on: the same model, the same
+calibration data (hence statistics and reconstruction prompts), the study metric in one-shot
+mode, the trial's per-block ratios as an explicit allocation, and its KV bits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from prunesearch.config import StudyConfig
+from prunesearch.errors import UserError
+from prunesearch.spaces import Candidate
+
+
+def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return study.best_trials
+
+
+def knee(trials: list[FrozenTrial]) -> FrozenTrial:
+    """The Pareto point nearest the ideal point after scaling every objective to [0, 1]."""
+    n_obj = len(trials[0].values)
+    lo = [min(t.values[i] for t in trials) for i in range(n_obj)]
+    hi = [max(t.values[i] for t in trials) for i in range(n_obj)]
+
+    def dist(t: FrozenTrial) -> float:
+        return math.sqrt(sum(((t.values[i] - lo[i]) / ((hi[i] - lo[i]) or 1.0)) ** 2 for i in range(n_obj)))
+
+    return min(trials, key=lambda t: (dist(t), t.number))
+
+
+def pick_trial(study: optuna.Study, pick: str) -> FrozenTrial:
+    """``best`` (single objective; knee when several), ``knee``, or ``trial N`` / ``N``."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise UserError(f"study '{study.study_name}' has no complete trial yet")
+    text = pick.strip().lower()
+    if text.startswith("trial"):
+        text = text[5:].strip()
+    if text.isdigit():
+        by_number = {t.number: t for t in complete}
+        if int(text) not in by_number:
+            raise UserError(f"trial {text} is not a complete trial of study '{study.study_name}'")
+        return by_number[int(text)]
+    if text == "best":
+        return study.best_trial if len(study.directions) == 1 else knee(pareto_trials(study))
+    if text == "knee":
+        return knee(pareto_trials(study)) if len(study.directions) > 1 else study.best_trial
+    raise UserError(f"unknown pick '{pick}': use best, knee or 'trial N'")
+
+
+def trial_candidate(cfg: StudyConfig, trial: FrozenTrial) -> Candidate:
+    """The candidate as the worker evaluated it: ratios per unit from the trial record."""
+    ratios = trial.user_attrs.get("ratios")
+    if ratios is None:
+        raise UserError(f"trial {trial.number} holds no per-layer ratios (not evaluated by prunesearch)")
+    kv = [int(trial.params[k]) for k in sorted(trial.params) if k.startswith("kv")] or None
+    return Candidate(ratios=ratios, split=cfg.space.split_attn_mlp, kv_bits=kv, metric=trial.user_attrs.get("metric"))
+
+
+def prune_config(cfg: StudyConfig, trial: FrozenTrial) -> dict[str, Any]:
+    cand = trial_candidate(cfg, trial)
+    if cand.split:
+        sparsities = [[cand.ratios[2 * b], cand.ratios[2 * b + 1]] for b in range(len(cand.ratios) // 2)]
+    else:
+        sparsities = list(cand.ratios)
+    out: dict[str, Any] = {
+        "model": cfg.model.model_dump(mode="json"),
+        "calibration": cfg.calibration.model_dump(mode="json"),
+        "evaluation": cfg.evaluation.model_dump(mode="json") if cfg.evaluation else None,
+        "pruning": {
+            "metric": cand.metric or cfg.pruning.metric,
+            "sparsity": cfg.pruning.sparsity,
+            "allocation": {"name": "explicit", "params": {"sparsities": sparsities}},
+            "structure": cfg.pruning.structure,
+            "group": cfg.pruning.group,
+            "mode": "one_shot",
+        },
+        "reconstruction_samples": cfg.reconstruction_samples,
+    }
+    if cand.kv_bits:
+        out["kv_cache"] = cfg.kv_cache.model_dump(mode="json") | {"bits": cand.kv_bits}
+    return out
+
+
+def llmcompressor_recipe(cfg: StudyConfig, trial: FrozenTrial, block_class: str, linear_names: list[str]) -> dict:
+    """An llm-compressor recipe: Wanda (or SparseGPT for OBS-style metrics) with per-layer sparsity."""
+    cand = trial_candidate(cfg, trial)
+    structure = "0:0" if cfg.pruning.structure == "unstructured" else cfg.pruning.structure
+    modifier = "SparseGPTModifier" if (cand.metric or cfg.pruning.metric).startswith("sparsegpt") else "WandaPruningModifier"
+    if cand.split:
+        per_linear = {}
+        for name in linear_names:
+            block = int(name.split(".")[-3]) if name.split(".")[-3].isdigit() else None
+            if block is None:
+                continue
+            per_linear[name] = cand.ratios[2 * block + ("mlp" in name or "fc" in name)]
+        args = {"sparsity": per_linear | {"lm_head": 0.0}, "targets": ["Linear"]}
+    else:
+        args = {"sparsity": list(cand.ratios), "targets": [block_class]}
+    stage: dict[str, Any] = {modifier: {**args, "mask_structure": structure, "ignore": ["re:.*lm_head"]}}
+    recipe = {"sparsity_stage": {"sparsity_modifiers": stage}}
+    if cand.kv_bits and max(cand.kv_bits) <= 8:
+        recipe["quantization_stage"] = {"quantization_modifiers": {"QuantizationModifier": {
+            "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True},
+        }}}
+    return recipe
+
+
+def write_yaml(path, data: dict, header: str = "") -> None:
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
+    path.write_text((header + "\n" if header else "") + text)

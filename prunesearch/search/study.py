@@ -1,0 +1,69 @@
+"""Creating, naming and re-opening studies: the config and its hash live in the study itself.
+
+A study records the exact config it was launched with, so ``resume`` needs only its name, and
+a changed config is refused rather than silently mixed into the same study.
+"""
+
+from __future__ import annotations
+
+import optuna
+
+from prunesearch.config import StudyConfig, validate
+from prunesearch.errors import UserError
+from prunesearch.objectives.registry import directions
+from prunesearch.search.storage import mask_url, open_storage
+
+
+def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+    s = cfg.search
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=s.n_startup_trials)
+
+
+def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    if cfg.search.pruner == "median" and len(cfg.objectives) == 1:
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def study_names(storage_url: str) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(open_storage(storage_url))]
+
+
+def create_or_check(cfg: StudyConfig, name: str, storage_url: str) -> tuple[optuna.Study, bool]:
+    """Create the study (returns created=True), or reopen it if its config is the same."""
+    storage = open_storage(storage_url)
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    if name in existing:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+        stored = study.user_attrs.get("config_hash")
+        if stored != cfg.study_hash():
+            raise UserError(f"study '{name}' in {mask_url(storage_url)} was launched with a different config "
+                            f"(hash {stored}, now {cfg.study_hash()}): choose a new --study name, or "
+                            f"`prunesearch resume --study {name}` to continue it as it was")
+        return study, False
+    study = optuna.create_study(study_name=name, storage=storage, directions=directions(cfg.objectives),
+                                sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+    study.set_user_attr("config", cfg.model_dump(mode="json", exclude={"storage"}))
+    study.set_user_attr("config_hash", cfg.study_hash())
+    study.set_user_attr("objectives", cfg.objectives)
+    study.set_metric_names(cfg.objectives)
+    return study, True
+
+
+def load_study_config(name: str, storage_url: str) -> tuple[StudyConfig, optuna.Study]:
+    storage = open_storage(storage_url)
+    if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        raise UserError(f"no study '{name}' in {mask_url(storage_url)}: `prunesearch status --storage URL` lists them")
+    study = optuna.load_study(study_name=name, storage=storage)
+    stored = study.user_attrs.get("config")
+    if stored is None:
+        raise UserError(f"study '{name}' was not created by prunesearch (it holds no config)")
+    cfg = validate(StudyConfig, {**stored, "storage": storage_url, "study": name}, f"study '{name}' config")
+    return cfg, optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg))

@@ -1,0 +1,28 @@
+"""A candidate: everything a worker needs to build one pruned (and KV-quantized) model.
+
+Sparsity comes either as explicit per-unit ratios (a unit is a decoder block, or a block's
+attention or MLP part when they are split) or as an allocation spec (e.g. OWL with searched M
+and lambda) that the worker resolves with its calibration statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Candidate:
+    ratios: list[float] | None = None  # per unit; len = blocks, or 2 * blocks when split
+    split: bool = False  # units are [attn_0, mlp_0, attn_1, mlp_1, ...]
+    allocation: dict[str, Any] | None = None  # {"name": "owl", "params": {...}} when ratios is None
+    kv_bits: list[int] | None = None  # per decoder layer
+    metric: str | None = None  # None: the study's metric
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Candidate":
+        return cls(**data)

@@ -1,0 +1,45 @@
+"""The shape of a model as a search space sees it: decoder blocks, units and their sizes.
+
+A worker measures it once from the loaded model; spaces and budgets only need these numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prunesearch.models.families import PrunableLinear, linears_by_block
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    n_blocks: int
+    attn_sizes: tuple[int, ...]  # prunable weights per block, attention part
+    mlp_sizes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, linears: list[PrunableLinear]) -> "ModelLayout":
+        blocks = linears_by_block(linears)
+        attn = tuple(sum(l.numel for l in b if l.kind == "attn") for b in blocks)
+        mlp = tuple(sum(l.numel for l in b if l.kind == "mlp") for b in blocks)
+        return cls(len(blocks), attn, mlp)
+
+    def unit_sizes(self, split: bool) -> list[int]:
+        if split:
+            return [s for pair in zip(self.attn_sizes, self.mlp_sizes) for s in pair]
+        return [a + m for a, m in zip(self.attn_sizes, self.mlp_sizes)]
+
+    @property
+    def total(self) -> int:
+        return sum(self.attn_sizes) + sum(self.mlp_sizes)
+
+    def to_dict(self) -> dict:
+        return {"n_blocks": self.n_blocks, "attn_sizes": list(self.attn_sizes), "mlp_sizes": list(self.mlp_sizes)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelLayout":
+        return cls(d["n_blocks"], tuple(d["attn_sizes"]), tuple(d["mlp_sizes"]))
+
+
+def unit_of(lin: PrunableLinear, split: bool) -> int:
+    """Index of the unit a linear layer belongs to."""
+    return 2 * lin.block + (lin.kind == "mlp") if split else lin.block

@@ -1,0 +1,122 @@
+"""Search spaces: an Optuna trial -> a Candidate, and a known configuration -> trial parameters.
+
+The inverse (``encode``) is what lets a study start from baselines: uniform and OWL are
+enqueued as ordinary trials, so whatever the sampler finds has to beat them on the record.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import optuna
+
+from prunesearch.errors import UserError
+from prunesearch.pruning.budget import project_to_budget, round_to_grid
+from prunesearch.registry import Registry
+from prunesearch.spaces.candidate import Candidate
+from prunesearch.spaces.layout import ModelLayout
+
+SPACES = Registry("search space")
+
+# resolves an allocation spec ({"name", "params"}) to per-block ratios on a worker
+Resolver = Callable[[dict], list[float]]
+
+
+class SearchSpace(ABC):
+    def __init__(self, layout: ModelLayout, target: float, *, min_sparsity: float = 0.0, max_sparsity: float = 0.95,
+                 nm_m: int | None = None, kv_bits: list[int] | None = None, split_attn_mlp: bool = False):
+        if not min_sparsity <= target <= max_sparsity:
+            raise UserError(f"impossible budget: target sparsity {target} lies outside [{min_sparsity}, {max_sparsity}]")
+        self.layout, self.target = layout, target
+        self.lo, self.hi = min_sparsity, max_sparsity
+        self.nm_m = nm_m
+        self.kv_bits = sorted(set(kv_bits), reverse=True) if kv_bits else None
+        self.split = split_attn_mlp
+
+    # --- KV bits, shared by every space ---
+    def _kv_name(self, i: int) -> str:
+        return f"kv{i:02d}"
+
+    def suggest_kv(self, trial: optuna.Trial) -> list[int] | None:
+        if not self.kv_bits:
+            return None
+        return [trial.suggest_categorical(self._kv_name(i), self.kv_bits) for i in range(self.layout.n_blocks)]
+
+    def encode_kv(self, bits: list[int] | None) -> dict[str, int]:
+        if not self.kv_bits:
+            return {}
+        bits = bits or [self.kv_bits[0]] * self.layout.n_blocks
+        return {self._kv_name(i): b for i, b in enumerate(bits)}
+
+    # --- budget ---
+    def on_budget(self, raw: list[float]) -> list[float]:
+        """Project per-unit ratios onto the exact global budget (and the N:M grid)."""
+        sizes = self.layout.unit_sizes(self.split)
+        ratios = project_to_budget(raw, sizes, self.target, self.lo, self.hi)
+        return round_to_grid(ratios, sizes, self.target, self.nm_m) if self.nm_m else ratios
+
+    def block_to_units(self, block_ratios: list[float]) -> list[float]:
+        return [r for r in block_ratios for _ in range(2)] if self.split else list(block_ratios)
+
+    @abstractmethod
+    def suggest(self, trial: optuna.Trial) -> Candidate: ...
+
+    @abstractmethod
+    def encode(self, allocation: dict, kv_bits: list[int] | None, resolve: Resolver) -> dict[str, Any]:
+        """Trial parameters that make ``suggest`` return this allocation (and KV bits)."""
+
+
+@SPACES.register("blockwise")
+class BlockwiseSpace(SearchSpace):
+    """One free sparsity per unit (block, or attention/MLP of each block), projected on the budget."""
+
+    def names(self) -> list[str]:
+        if self.split:
+            return [f"{part}{i:02d}" for i in range(self.layout.n_blocks) for part in ("attn", "mlp")]
+        return [f"s{i:02d}" for i in range(self.layout.n_blocks)]
+
+    def suggest(self, trial: optuna.Trial) -> Candidate:
+        raw = [trial.suggest_float(n, self.lo, self.hi) for n in self.names()]
+        return Candidate(ratios=self.on_budget(raw), split=self.split, kv_bits=self.suggest_kv(trial))
+
+    def encode(self, allocation: dict, kv_bits: list[int] | None, resolve: Resolver) -> dict[str, Any]:
+        units = self.block_to_units(resolve(allocation))
+        params = {n: min(self.hi, max(self.lo, r)) for n, r in zip(self.names(), units)}
+        return params | self.encode_kv(kv_bits)
+
+
+@SPACES.register("owl")
+class OwlSpace(SearchSpace):
+    """OWL's two hyperparameters, searched: M (outlier threshold) and lambda (spread)."""
+
+    def __init__(self, layout, target, *, M_range: tuple[float, float] = (2.0, 12.0),
+                 lam_range: tuple[float, float] = (0.0, 0.25), **kw):
+        super().__init__(layout, target, **kw)
+        if self.split:
+            raise UserError("the owl space allocates per block: split_attn_mlp is not available with it")
+        self.M_range, self.lam_range = tuple(M_range), tuple(lam_range)
+
+    def suggest(self, trial: optuna.Trial) -> Candidate:
+        M = trial.suggest_float("M", *self.M_range)
+        lam = trial.suggest_float("lam", *self.lam_range)
+        alloc = {"name": "owl", "params": {"M": M, "lam": lam}}
+        return Candidate(allocation=alloc, kv_bits=self.suggest_kv(trial))
+
+    def encode(self, allocation: dict, kv_bits: list[int] | None, resolve: Resolver) -> dict[str, Any]:
+        name, params = allocation["name"], allocation.get("params", {})
+        if name == "uniform":
+            return {"M": self.M_range[0], "lam": 0.0} | self.encode_kv(kv_bits)  # lambda 0 is uniform
+        if name == "owl":
+            M = min(self.M_range[1], max(self.M_range[0], params.get("M", 5.0)))
+            lam = min(self.lam_range[1], max(self.lam_range[0], params.get("lam", 0.08)))
+            return {"M": M, "lam": lam} | self.encode_kv(kv_bits)
+        raise UserError(f"the owl space cannot express the baseline '{name}'")
+
+
+def make_space(name: str, layout: ModelLayout, target: float, **kwargs) -> SearchSpace:
+    entry = SPACES.get(name)
+    try:
+        return entry.fn(layout, target, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"search space '{name}': {exc}") from None

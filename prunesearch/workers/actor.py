@@ -1,0 +1,59 @@
+"""The evaluator as a Ray actor.
+
+Each actor holds one model; Ray restarts an actor that dies (and re-runs its task). The actor
+reports intermediate values straight into the study database, so an Optuna pruner (median by
+default) can stop a hopeless trial between batches without a round trip through the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+class EvaluatorActor:
+    def __init__(self, cfg: dict, storage_url: str, study_name: str, threads: int | None = None):
+        from prunesearch.workers.evaluator import Evaluator
+
+        self.evaluator = Evaluator(cfg, threads=threads)
+        self.storage_url, self.study_name = storage_url, study_name
+        self._study = None
+
+    def ready(self) -> dict:
+        from prunesearch.models.families import decoder_blocks
+
+        ev = self.evaluator
+        return {"pid": os.getpid(), "startup_s": ev.startup_s, "device": str(ev.device), "layout": ev.layout.to_dict(),
+                "block_class": type(decoder_blocks(ev.model)[0]).__name__, "linear_names": [l.name for l in ev.linears]}
+
+    def resolve(self, allocation: dict) -> list[float]:
+        return self.evaluator.resolve(allocation)
+
+    def _open_study(self):
+        if self._study is None:
+            import optuna
+
+            from prunesearch.search.storage import open_storage
+
+            pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0) \
+                if self.evaluator.cfg.search.pruner == "median" else optuna.pruners.NopPruner()
+            self._study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url, create=False),
+                                            pruner=pruner)
+        return self._study
+
+    def evaluate(self, trial_id: int | None, candidate: dict) -> dict:
+        on_batch = None
+        if trial_id is not None and self.evaluator.cfg.search.pruner == "median" and len(self.evaluator.cfg.objectives) == 1:
+            import optuna
+
+            trial = optuna.Trial(self._open_study(), trial_id)
+
+            def on_batch(step: int, value: float) -> bool:
+                trial.report(value, step)
+                return trial.should_prune()
+
+        result = self.evaluator.evaluate(candidate, on_batch)
+        result["pid"] = os.getpid()
+        return result

@@ -1,0 +1,140 @@
+"""The evaluator: one loaded model that turns candidates into objective values, fast.
+
+Everything that does not depend on the candidate is done once at start-up: the model load,
+the calibration statistics and the dense reference (both cached on disk), and the ranks of
+the study metric's scores. A trial is then: masks by comparison over the kept dense weights,
+KV quantization switched on for the candidate's bits, one decoder pass over the
+reconstruction prompts (the Gram trick spares the lm_head), and perplexity only if asked.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from prunesearch.config import KVCacheConfig, StudyConfig
+from prunesearch.errors import UserError
+from prunesearch.models import load_model, prunable_linears
+from prunesearch.models.families import linears_by_block
+from prunesearch.objectives.lm import perplexity
+from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
+from prunesearch.objectives.registry import objective
+from prunesearch.prune_job import kv_context, kv_report, load_texts
+from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
+from prunesearch.pruning.engine import PruneSpec, collect_stats, resolve_group
+from prunesearch.pruning.fastmask import FastMasker
+from prunesearch.pruning.masks import parse_structure
+from prunesearch.spaces import Candidate, ModelLayout, unit_of
+from prunesearch.spaces.spaces import SearchSpace
+from prunesearch.workers.dense_cache import dense_key, load_dense, save_dense
+
+OnBatch = Callable[[int, float], bool]
+
+
+class Evaluator:
+    def __init__(self, cfg: StudyConfig | dict, threads: int | None = None):
+        t0 = time.perf_counter()
+        self.cfg = cfg if isinstance(cfg, StudyConfig) else StudyConfig.model_validate(cfg)
+        if threads:
+            torch.set_num_threads(threads)
+        m = self.cfg.model
+        self.lm = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_layers=m.max_layers)
+        self.model = self.lm.model
+        self.device = next(self.model.parameters()).device
+        self.linears = prunable_linears(self.model)
+        self.blocks = linears_by_block(self.linears)
+        self.layout = ModelLayout.of(self.linears)
+        calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation)
+        self.held_out = held_out if "perplexity" in self.cfg.objectives else None
+        self.stats, self.ref = self._dense_side(calib)
+        p = self.cfg.pruning
+        self.spec = PruneSpec(p.metric, p.sparsity, "uniform", p.structure, p.group, "one_shot")
+        self.nm = parse_structure(p.structure)
+        self.masker = FastMasker(self.linears, self.stats, p.metric, resolve_group(self.spec), self.nm)
+        self.startup_s = time.perf_counter() - t0
+
+    def _dense_side(self, calib: torch.Tensor):
+        c = self.cfg
+        key = dense_key(model=self.lm.source, spec=c.model.name, dtype=c.model.dtype, device=self.device.type,
+                        max_layers=c.model.max_layers, calibration=c.calibration.model_dump(),
+                        recon=c.reconstruction_samples)
+        cached = load_dense(key, self.device)
+        if cached is not None:
+            return cached
+        stats = collect_stats(self.model, self.linears, calib, c.calibration.batch_size)
+        ref = DenseReference.compute(self.model, calib[: c.reconstruction_samples], c.calibration.batch_size)
+        save_dense(key, stats, ref)
+        return stats, ref
+
+    # ------------------------------------------------------------------ candidates -> masks
+    def resolve(self, allocation: dict) -> list[float]:
+        """Per-block ratios of an allocation spec (uniform, OWL with given M and lambda, ...)."""
+        entry, params = ALLOCATIONS.resolve(allocation)
+        self.masker.restore()  # allocations score the dense weights
+        ctx = AllocationContext(self.blocks, self.stats, self.cfg.pruning.metric, self.masker.group, self.nm)
+        return entry.fn(ctx, self.cfg.pruning.sparsity, **params)
+
+    def unit_ratios(self, cand: Candidate, space: SearchSpace | None = None) -> list[float]:
+        if cand.ratios is not None:
+            return list(cand.ratios)
+        ratios = self.resolve(cand.allocation)
+        if self.nm is not None:
+            from prunesearch.pruning.budget import round_to_grid
+
+            ratios = round_to_grid(ratios, self.layout.unit_sizes(False), self.cfg.pruning.sparsity, self.nm.m)
+        return [r for r in ratios for _ in range(2)] if cand.split else ratios
+
+    def apply(self, cand: Candidate) -> tuple[list[float], float]:
+        """Mask the model for ``cand``; returns the per-unit ratios and the achieved sparsity."""
+        ratios = self.unit_ratios(cand)
+        expected = 2 * self.layout.n_blocks if cand.split else self.layout.n_blocks
+        if len(ratios) != expected:
+            raise UserError(f"candidate has {len(ratios)} ratios, the model has {expected} units")
+        if cand.metric and cand.metric != self.masker.metric:
+            self.masker.rerank(self.stats, cand.metric)
+        per_linear = {l.name: ratios[unit_of(l, cand.split)] for l in self.linears}
+        masked = self.masker.apply(per_linear)
+        return ratios, masked / self.layout.total
+
+    def kv_settings(self, cand: Candidate) -> KVCacheConfig:
+        """The study's KV quantization settings at this candidate's bits (16 = not quantized)."""
+        return self.cfg.kv_cache.model_copy(update={"bits": cand.kv_bits or [16] * self.layout.n_blocks})
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, cand: Candidate | dict, on_batch: OnBatch | None = None) -> dict:
+        """Objective values of one candidate. ``on_batch(step, running primary value)`` may stop
+        it early (returns True): the result then says ``pruned``."""
+        cand = Candidate.from_dict(cand) if isinstance(cand, dict) else cand
+        t0 = time.perf_counter()
+        ratios, achieved = self.apply(cand)
+        t_mask = time.perf_counter() - t0
+        names = self.cfg.objectives
+        values: dict[str, float] = {}
+        primary = names[0]
+        with kv_context(self.model, self.kv_settings(cand)):
+            if any(objective(n).kind == "forward" for n in names):
+                hook = None
+                if on_batch is not None and objective(primary).kind == "forward":
+                    hook = lambda step, running: on_batch(step, running[primary])  # noqa: E731
+                rec = reconstruction_error(self.model, self.ref, kl="kl" in names, on_batch=hook)
+                if rec is None:
+                    return {"pruned": True, "ratios": ratios, "achieved": achieved}
+                values.update({n: rec[n] for n in names if n in rec})
+            if "perplexity" in names:
+                values["perplexity"] = perplexity(self.model, self.held_out, self.cfg.evaluation.batch_size)
+        if "kept_fraction" in names:
+            values["kept_fraction"] = 1.0 - achieved
+        if "sparsity_deviation" in names:
+            values["sparsity_deviation"] = abs(achieved - self.cfg.pruning.sparsity)
+        if "kv_bytes" in names:
+            values["kv_bytes"] = kv_report(self.model, self.kv_settings(cand))["bytes_per_token"]
+        return {
+            "pruned": False,
+            "values": [values[n] for n in names],
+            "named": values,
+            "ratios": ratios,
+            "achieved": achieved,
+            "timings": {"mask_s": t_mask, "total_s": time.perf_counter() - t0},
+        }

@@ -1,0 +1,156 @@
+"""The search service end to end, as a user drives it: launch, kill, resume, status, export,
+re-apply, report. Real model slice (SmolLM2, 2 blocks), real SQLite, real Ray."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from conftest import run_cli
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def study_config(tmp_path: Path, trials: int = 6, **overrides) -> dict:
+    cfg = {
+        "model": {"name": "default", "max_layers": 2, "device": "cpu"},
+        "calibration": {"source": "lee", "samples": 8, "seq_len": 32, "batch_size": 4},
+        "evaluation": {"source": "lee", "samples": 4, "seq_len": 64},
+        "pruning": {"metric": "wanda", "sparsity": 0.6},
+        "reconstruction_samples": 4,
+        "space": {"name": "blockwise", "min_sparsity": 0.3, "max_sparsity": 0.9},
+        "objectives": ["frobenius"],
+        "search": {"trials": trials, "seed": 0, "n_startup_trials": 3},
+        "storage": f"sqlite:///{tmp_path / 'studies.db'}",
+        "study": "t",
+        "workers": {"count": 1, "num_cpus": 1},
+    }
+    for key, value in overrides.items():
+        cfg[key] = value if not isinstance(value, dict) else {**cfg.get(key, {}), **value}
+    return cfg
+
+
+def write_config(tmp_path: Path, cfg: dict, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def load(cfg: dict) -> optuna.Study:
+    return optuna.load_study(study_name=cfg["study"], storage=cfg["storage"])
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One in-process Ray for the module: the driver joins it instead of starting its own."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_launch_runs_a_study_through_ray_and_sqlite(tmp_path, capsys, ray_session):
+    cfg = study_config(tmp_path)
+    code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
+    assert code == 0, err
+    study = load(cfg)
+    trials = study.get_trials(states=FINISHED)
+    assert len(trials) == 6
+    assert [t.user_attrs.get("baseline") for t in study.trials[:2]] == ["uniform", "owl"]
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert t.user_attrs["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)  # the budget holds for every candidate
+        assert len(t.user_attrs["ratios"]) == 2
+    assert study.user_attrs["config_hash"]
+    assert "finished" in out
+
+    code, out, _ = run_cli(["status", "--study", "t", "--storage", cfg["storage"]], capsys)
+    assert code == 0 and "baseline uniform" in out and "frobenius" in out
+
+    # export the best, re-apply it with `prune --config`, get the same objective value
+    exported = tmp_path / "best.yaml"
+    code, out, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(exported)], capsys)
+    assert code == 0, err
+    assert (tmp_path / "best.recipe.yaml").exists()
+    recipe = yaml.safe_load((tmp_path / "best.recipe.yaml").read_text())
+    assert len(recipe["sparsity_stage"]["sparsity_modifiers"]["WandaPruningModifier"]["sparsity"]) == 2
+    best = study.best_trial
+    code, out, err = run_cli(["prune", "--config", str(exported), "--out", str(tmp_path / "pruned"), "--quiet"], capsys)
+    assert code == 0, err
+    report = yaml.safe_load((tmp_path / "pruned" / "prune_report.json").read_text())
+    assert report["reconstruction"]["pruned"]["frobenius"] == pytest.approx(best.value, rel=1e-4)
+    assert [b["target"] for b in report["blocks"]] == pytest.approx(best.user_attrs["ratios"])
+
+    code, out, err = run_cli(["report", "--study", "t", "--storage", cfg["storage"], "--out", str(tmp_path / "plots")], capsys)
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"history.png", "sparsity.png"}
+
+    # a changed config under the same name is refused
+    changed = study_config(tmp_path, pruning={"sparsity": 0.5})
+    code, _, err = run_cli(["launch", str(write_config(tmp_path, changed, "changed.yaml")), "--quiet"], capsys)
+    assert code == 2 and "different config" in err
+
+
+def test_killed_study_resumes_to_exactly_the_requested_trials(tmp_path, capsys, ray_session):
+    cfg = study_config(tmp_path, trials=7)
+    path = write_config(tmp_path, cfg)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "prunesearch.cli", "launch", str(path), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                done = len(load(cfg).get_trials(states=FINISHED))
+            except Exception:  # the study may not exist yet
+                continue
+            if done >= 3:
+                break
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its in-process Ray, mid-study
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = load(cfg)
+    n_done = len(before.get_trials(states=FINISHED))
+    assert 3 <= n_done < 7
+
+    code, out, err = run_cli(["resume", "--study", "t", "--storage", cfg["storage"], "--quiet"], capsys)
+    assert code == 0, err
+    after = load(cfg)
+    assert len(after.get_trials(states=FINISHED)) == 7
+    assert not after.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    # nothing finished before the kill was evaluated again
+    numbers = [t.number for t in after.get_trials(states=FINISHED)]
+    assert len(numbers) == len(set(numbers))
+    lost = [t for t in after.get_trials(states=(TrialState.FAIL,))]
+    retried = {t.user_attrs.get("retry_of") for t in after.trials}
+    assert all(t.number in retried for t in lost if t.params)
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"pruning": {"sparsity": 0.6, "metric": "wanda", "colour": 1}}, "pruning.colour: unknown key"),
+    ({"search": {"trials": "many"}}, "search.trials"),
+    ({"space": {"name": "blockwise", "min_sparsity": 0.8, "max_sparsity": 0.9}}, "impossible budget"),
+    ({"objectives": ["frobenius", "accuracy"]}, "unknown objective 'accuracy'"),
+    ({"storage": "postgresql+psycopg://nobody@127.0.0.1:9/none"}, "cannot reach the study database"),
+    ({"storage": "not a url"}, "is not a database URL"),
+])
+def test_bad_study_configs_are_one_line_errors(tmp_path, capsys, patch, message):
+    cfg = study_config(tmp_path)
+    cfg.update(patch)
+    code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
