@@ -140,9 +140,6 @@ def main() -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ----------------------------------------------------------------------------- search commands
 
@@ -184,7 +181,7 @@ def _run(cfg, quiet: bool) -> None:
     from prunesearch.search.storage import mask_url
 
     console.print(f"study [bold]{cfg.study or cfg.default_study_name()}[/] in {mask_url(cfg.storage)}: "
-                  f"{cfg.search.trials} trials, objectives {', '.join(cfg.objectives)}", highlight=False)
+                  f"{cfg.search.trials} trials, objectives {', '.join(cfg.objectives)}", highlight=False, soft_wrap=True)
     summary = run_study(cfg, progress=not quiet)
     Console().print(_summary_line(summary), highlight=False)
     if summary.stopped_by == "interrupt":

@@ -6,6 +6,8 @@ a changed config is refused rather than silently mixed into the same study.
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 
 from prunesearch.config import StudyConfig, validate
@@ -18,8 +20,6 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     s = cfg.search
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, group=True, constant_liar=True,
@@ -53,7 +53,9 @@ def create_or_check(cfg: StudyConfig, name: str, storage_url: str) -> tuple[optu
     study.set_user_attr("config", cfg.model_dump(mode="json", exclude={"storage"}))
     study.set_user_attr("config_hash", cfg.study_hash())
     study.set_user_attr("objectives", cfg.objectives)
-    study.set_metric_names(cfg.objectives)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(cfg.objectives)  # optuna-dashboard shows them
     return study, True
 
 
