@@ -20,14 +20,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the main job on the embedded default: a TPE study over per-block sparsity of the bundled
+# SmolLM2 at 70% (SQLite study file, in-process Ray), then the best config exported and applied
 demo: $(STAMP)
-	$(VENV)/bin/prunesearch prune --model default --metric wanda --sparsity 0.5 --allocation owl --out out/demo-wanda-owl-50 --overwrite
+	$(VENV)/bin/prunesearch launch configs/default.yaml --study demo
+	$(VENV)/bin/prunesearch status --study demo --limit 8
+	$(VENV)/bin/prunesearch export --study demo --out out/demo-best.yaml --apply out/demo-best --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/quality.py
+	$(PY) bench/trial_speed.py
+	$(PY) bench/search_quality.py
 
 clean:
 	rm -rf $(VENV) out *.egg-info

@@ -95,8 +95,17 @@ def prune(
                               "evaluation.seq_len": eval_seq_len, "evaluation.batch_size": batch_size}.items():
             _set(data, dotted, value)
     cfg = validate(PruneConfig, data, str(config) if config else "options")
+    _quiet_libraries(quiet)
     report = run_prune(cfg, out, overwrite=overwrite, progress=not quiet)
     _print_prune_report(report, out)
+
+
+def _quiet_libraries(quiet: bool) -> None:
+    """--quiet silences the libraries' own progress bars (model loading) too."""
+    if quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -177,6 +186,7 @@ def launch(
 
 
 def _run(cfg, quiet: bool) -> None:
+    _quiet_libraries(quiet)
     from prunesearch.search.driver import run_study
     from prunesearch.search.storage import mask_url
 
@@ -306,6 +316,7 @@ def export(
     if apply is not None:
         from prunesearch.prune_job import run_prune
 
+        _quiet_libraries(quiet)
         report = run_prune(validate(PruneConfig, data, "exported config"), apply, overwrite=overwrite, progress=not quiet)
         _print_prune_report(report, apply)
 

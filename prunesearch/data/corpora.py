@@ -99,6 +99,8 @@ def _local(path: Path, text_field: str) -> datasets.Dataset:
     if len(builders) > 1:
         raise UserError(f"{path} mixes file types ({', '.join(sorted(builders))}): use one kind per directory")
     builder = builders.pop()
+    if all(p.stat().st_size == 0 or not p.read_bytes().strip() for p in files):
+        raise UserError(f"text source '{path}' holds no text")
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train",
                                cache_dir=str(cache_dir("datasets")), **kwargs)

@@ -1,0 +1,97 @@
+"""`prunesearch prune` on the real default model, as a user runs it, and its error messages."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import run_cli
+from prunesearch.errors import UserError
+from prunesearch.models import load_model, prunable_linears
+from prunesearch.models.loading import default_gguf_path
+
+SMALL = ["--max-layers", "2", "--calibration", "lee", "--calibration-samples", "8", "--seq-len", "64",
+         "--eval", "lee", "--eval-samples", "4", "--eval-seq-len", "64", "--quiet"]
+
+
+def test_prune_saves_a_model_transformers_loads_with_the_same_sparsity(tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code, stdout, err = run_cli(["prune", "--model", "default", "--metric", "wanda", "--sparsity", "0.5",
+                                 "--allocation", "owl", "--structure", "4:8", "--out", str(out), *SMALL], capsys)
+    assert code == 0, err
+    assert {"model.safetensors", "config.json", "tokenizer.json", "prune_report.json"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["metric"] == "wanda" and report["structure"] == "4:8" and report["allocation"] == "owl"
+    assert report["perplexity"]["seq_len"] == 64 and report["perplexity"]["pruned"] > report["perplexity"]["dense"]
+    assert report["reconstruction"]["pruned"]["frobenius"] > 0
+    assert set(report["timings"]) >= {"load", "data", "dense_eval", "prune_pruning", "pruned_eval", "save"}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    layers = {l.name: l for l in prunable_linears(model)}
+    for rec in report["layers"]:
+        w = layers[rec["name"]].weight
+        assert (w == 0).float().mean().item() == pytest.approx(rec["achieved"], abs=1e-6)
+        n = round(rec["target"] * 8)
+        assert ((w == 0).reshape(w.shape[0], -1, 8).sum(-1) >= n).all()  # N:8 per block of 8
+    assert report["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert "perplexity" in stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--metric", "entropy"], "unknown metric 'entropy'"),
+    (["--sparsity", "1.2"], "pruning.sparsity"),
+    (["--structure", "3:7", "--sparsity", "0.4285714285714286"], "does not fit"),
+    (["--structure", "2:4", "--sparsity", "0.3"], "not a multiple of 1/4"),
+    (["--allocation", "owl:lambda=0.1"], "has no parameter lambda"),
+    (["--model", "./no/such/model"], "model path not found"),
+    (["--calibration", "lee", "--calibration-samples", "5000"], "5000 requested"),
+    (["--mode", "sideways"], "pruning.mode"),
+])
+def test_prune_user_errors_are_one_line_with_exit_code_2(args, message, capsys):
+    code, _, err = run_cli(["prune", "--max-layers", "1", "--quiet", *args], capsys)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_existing_output_directory_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    code, _, err = run_cli(["prune", "--out", str(tmp_path / "out"), "--model", "./nowhere"], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+
+
+def test_empty_calibration_file_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "calib.txt").write_text("   \n")
+    code, _, err = run_cli(["prune", "--max-layers", "1", "--calibration", str(tmp_path / "calib.txt"), "--quiet"], capsys)
+    assert code == 2 and "holds no text" in err
+
+
+def test_wanda_beats_magnitude_on_the_full_default_model(tokenizer):
+    """The published ordering, on all 30 blocks with a small token budget."""
+    from prunesearch.data import token_sequences
+    from prunesearch.objectives import perplexity
+    from prunesearch.pruning.engine import PruneSpec, prune_model
+
+    calib = token_sequences(tokenizer, "wikipedia", n_samples=8, seq_len=128, split="calibration")
+    held_out = token_sequences(tokenizer, "wikipedia", n_samples=4, seq_len=256, split="evaluation", contiguous=True)
+    ppl = {}
+    for metric in ("magnitude", "wanda"):
+        lm = load_model("default", device="cpu")
+        prune_model(lm.model, calib, PruneSpec(metric=metric, sparsity=0.5, mode="one_shot"))
+        ppl[metric] = perplexity(lm.model, held_out)
+    assert ppl["wanda"] * 2 < ppl["magnitude"]
+
+
+def test_gguf_files_load_through_the_gguf_path():
+    lm = load_model(str(default_gguf_path()), device="cpu", max_layers=1)
+    assert lm.model.config.model_type == "llama" and len(prunable_linears(lm.model)) == 7
+    assert lm.model.hf_quantizer is None  # cleared, so the model can be saved
+    assert lm.tokenizer("hello").input_ids
+
+
+def test_hub_ids_fail_cleanly_offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="cannot load model 'someone/tiny-model'"):
+        load_model("someone/tiny-model")
