@@ -155,3 +155,35 @@ def test_bad_study_configs_are_one_line_errors(tmp_path, capsys, patch, message)
     assert message in err
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [err.splitlines()[-1]]
+
+
+def test_kv_bits_study_is_multi_objective_and_exports_the_knee(tmp_path, capsys, ray_session):
+    cfg = study_config(tmp_path, trials=6, space={"kv_bits": True, "split_attn_mlp": True},
+                       objectives=["frobenius", "kv_bytes"], kv_cache={"bits_choices": [16, 8, 4]})
+    code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
+    assert code == 0, err
+    study = load(cfg)
+    assert len(study.directions) == 2 and len(study.get_trials(states=FINISHED)) == 6
+    kv = {t.user_attrs["objectives"]["kv_bytes"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert max(kv) == 2 * 2 * 3 * 64 * 2  # baselines keep 16 bits: 2 layers x (K, V) x 3 heads x 64 x 2 bytes
+    assert len(kv) > 1
+    assert all(len(t.user_attrs["ratios"]) == 4 for t in study.get_trials(states=(TrialState.COMPLETE,)))  # attn/mlp split
+
+    exported = tmp_path / "knee.yaml"
+    code, out, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(exported),
+                              "--pick", "knee"], capsys)
+    assert code == 0, err
+    data = yaml.safe_load(exported.read_text())
+    knee_number = int(out.split("trial ")[1].split()[0])
+    knee = study.trials[knee_number]
+    assert data["kv_cache"]["bits"] == [knee.params["kv00"], knee.params["kv01"]]
+    assert all(len(pair) == 2 for pair in data["pruning"]["allocation"]["params"]["sparsities"])
+    code, out, err = run_cli(["prune", "--config", str(exported), "--quiet"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["prune", "--config", str(exported), "--out", str(tmp_path / "m"), "--quiet"], capsys)
+    report = yaml.safe_load((tmp_path / "m" / "prune_report.json").read_text())
+    assert report["reconstruction"]["pruned"]["frobenius"] == pytest.approx(knee.values[0], rel=1e-4)
+    assert report["kv_cache"]["bytes_per_token"] == pytest.approx(knee.values[1])
+
+    code, out, err = run_cli(["report", "--study", "t", "--storage", cfg["storage"], "--out", str(tmp_path / "plots")], capsys)
+    assert code == 0 and (tmp_path / "plots" / "pareto.png").exists()

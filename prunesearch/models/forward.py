@@ -29,6 +29,14 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _run_until_stop(model: nn.Module, ids: torch.Tensor) -> None:
+    """Forward ``ids`` until a hook raises _Stop (the rest of the model is skipped)."""
+    try:
+        model(input_ids=ids.to(model_device(model)), use_cache=False)
+    except _Stop:
+        pass
+
+
 @torch.no_grad()
 def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Hidden states that enter lm_head, shape (batch, seq, hidden)."""
@@ -40,9 +48,7 @@ def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
     handle = model.get_output_embeddings().register_forward_pre_hook(grab)
     try:
-        model(input_ids=ids.to(model_device(model)), use_cache=False)
-    except _Stop:
-        pass
+        _run_until_stop(model, ids)
     finally:
         handle.remove()
     return captured["h"]
@@ -80,10 +86,7 @@ def capture_block_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int) -
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for batch in batches(ids, batch_size):
-            try:
-                model(input_ids=batch.to(model_device(model)), use_cache=False)
-            except _Stop:
-                pass
+            _run_until_stop(model, batch)
     finally:
         handle.remove()
     return inputs

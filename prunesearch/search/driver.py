@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from prunesearch.config import StudyConfig
+from prunesearch.errors import UserError
 from prunesearch.search.study import create_or_check
 from prunesearch.spaces import Candidate, ModelLayout, make_space
 from prunesearch.pruning.masks import parse_structure
@@ -127,7 +128,8 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, pool, t0: float, pro
 
     target = cfg.search.trials
     in_flight: dict = {}  # ObjectRef -> (trial, actor)
-    best, since_best = _best(study), 0
+    best, since_best, failures_in_a_row = _best(study), 0, 0
+    max_failures = max(3, 2 * len(pool.actors))
     bar = tqdm(total=target, initial=min(count_finished(study), target), desc=f"study {study.study_name}",
                disable=not progress, unit="trial")
     stop = None
@@ -153,7 +155,13 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, pool, t0: float, pro
             for ref in done:
                 trial, actor = in_flight.pop(ref)
                 pool.idle.append(actor)
-                bar.update(1 if _tell(study, trial, ref) in FINISHED else 0)
+                state = _tell(study, trial, ref)
+                bar.update(1 if state in FINISHED else 0)
+                failures_in_a_row = failures_in_a_row + 1 if state == TrialState.FAIL else 0
+                if failures_in_a_row >= max_failures:
+                    error = study.trials[trial.number].user_attrs.get("error", "").strip().splitlines()
+                    raise UserError(f"{failures_in_a_row} trials failed in a row, stopping; the last said: "
+                                    f"{error[0] if error else 'nothing'} (finished trials are saved)")
                 new_best = _best(study)
                 if new_best is not None and new_best != best:
                     best, since_best = new_best, 0

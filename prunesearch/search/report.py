@@ -21,6 +21,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def history_plot(study: optuna.Study, out: Path) -> Path:
     plt = _plt()
     names = study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(study.directions))]
@@ -42,11 +49,7 @@ def history_plot(study: optuna.Study, out: Path) -> Path:
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.suptitle(f"study {study.study_name}: optimisation history")
-    fig.tight_layout()
-    path = out / "history.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "history.png")
 
 
 def sparsity_plot(study: optuna.Study, out: Path) -> Path | None:
@@ -69,11 +72,7 @@ def sparsity_plot(study: optuna.Study, out: Path) -> Path | None:
     ax.set_ylabel("sparsity")
     ax.set_title("per-layer sparsity")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "sparsity.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "sparsity.png")
 
 
 def pareto_plot(study: optuna.Study, out: Path) -> Path | None:
@@ -94,11 +93,7 @@ def pareto_plot(study: optuna.Study, out: Path) -> Path | None:
     ax.set_ylabel(names[1])
     ax.legend(fontsize=8)
     ax.set_title(f"study {study.study_name}: Pareto front")
-    fig.tight_layout()
-    path = out / "pareto.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "pareto.png")
 
 
 def write_report(study: optuna.Study, out: Path) -> list[Path]:

@@ -1,0 +1,80 @@
+"""Pruning quality on SmolLM2-135M: every metric x allocation at 50/60/70% and 2:4.
+
+One-shot statistics from the dense model (32 x 256 Wikipedia calibration tokens), held-out
+perplexity on the Lee news corpus, reconstruction error on 8 calibration prompts. Prints a
+markdown table with the time each step took.
+
+    python bench/quality.py [--eval-samples 8] [--metrics wanda,ria] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import setup, timer
+
+from prunesearch.models.families import linears_by_block
+from prunesearch.objectives import perplexity, reconstruction_error
+from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
+from prunesearch.pruning.budget import round_to_grid
+from prunesearch.pruning.engine import PruneSpec, resolve_group
+from prunesearch.pruning.fastmask import FastMasker
+from prunesearch.pruning.masks import NM
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--metrics", default="magnitude,wanda,stade,ria")
+    ap.add_argument("--allocations", default="uniform,owl,mrp")
+    ap.add_argument("--sparsities", default="0.5,0.6,0.7,2:4")
+    ap.add_argument("--eval-samples", type=int, default=8)
+    ap.add_argument("--eval-len", type=int, default=512)
+    args = ap.parse_args()
+
+    t_all = time.perf_counter()
+    lm, calib, held_out, linears, stats, ref, times = setup(eval_samples=args.eval_samples, eval_len=args.eval_len)
+    model = lm.model
+    blocks = linears_by_block(linears)
+    with timer(times, "dense_perplexity"):
+        dense_ppl = perplexity(model, held_out)
+    print(f"# SmolLM2-135M, calibration 32x256 Wikipedia tokens (one-shot dense stats), perplexity on "
+          f"{held_out.numel()} held-out Lee tokens at seq {args.eval_len}, reconstruction on 8x256 prompts")
+    print("# set-up: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+    print()
+    print("| metric | allocation | sparsity | perplexity | recon. rel. Frobenius | KL | score+rank s | alloc+mask s | eval s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| dense | - | 0% | {dense_ppl:.2f} | 0 | 0 | - | - | {times['dense_perplexity']:.1f} |")
+    for structure in args.sparsities.split(","):
+        nm = NM.parse(structure) if ":" in structure else None
+        sparsity = nm.n / nm.m if nm else float(structure)
+        for metric in args.metrics.split(","):
+            spec = PruneSpec(metric=metric, sparsity=sparsity, structure=structure if nm else "unstructured")
+            group = resolve_group(spec)
+            t = time.perf_counter()
+            masker = FastMasker(linears, stats, metric, group, nm)
+            t_rank = time.perf_counter() - t
+            for alloc in args.allocations.split(","):
+                t = time.perf_counter()
+                masker.restore()
+                ctx = AllocationContext(blocks, stats, metric, group, nm)
+                entry, params = ALLOCATIONS.resolve(alloc)
+                ratios = entry.fn(ctx, sparsity, **params)
+                if nm:
+                    ratios = round_to_grid(ratios, ctx.sizes, sparsity, nm.m)
+                masker.apply({l.name: ratios[l.block] for l in linears})
+                t_mask = time.perf_counter() - t
+                t = time.perf_counter()
+                ppl = perplexity(model, held_out)
+                rec = reconstruction_error(model, ref)
+                t_eval = time.perf_counter() - t
+                label = structure if nm else f"{sparsity:.0%}"
+                print(f"| {metric} | {alloc} | {label} | {ppl:,.2f} | {rec['frobenius_rel']:.3f} | {rec['kl']:.3f} | "
+                      f"{t_rank:.1f} | {t_mask:.1f} | {t_eval:.1f} |", flush=True)
+            masker.restore()
+            del masker
+    print(f"\n# total {time.perf_counter() - t_all:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

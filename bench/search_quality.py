@@ -1,0 +1,92 @@
+"""Does the search beat hand-set allocations? Held-out perplexity at 70% on SmolLM2-135M.
+
+Rows: uniform Wanda; OWL with its paper defaults (M 5, lambda 0.08); OWL's best grid point
+chosen the honest way (lowest reconstruction error on the calibration prompts, the search's own
+objective) and, for reference, chosen by held-out perplexity (an oracle nobody has); the TPE
+study's best trial after a fixed CPU budget (default configs/default.yaml, through Ray and
+SQLite, uniform and OWL enqueued first). Perplexity on held-out Lee news text.
+
+    python bench/search_quality.py [--minutes 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+from common import timer
+
+from prunesearch.config import EvalConfig, StudyConfig, load_config
+from prunesearch.objectives import perplexity
+from prunesearch.prune_job import load_texts
+from prunesearch.spaces import Candidate
+
+ROOT = Path(__file__).resolve().parent.parent
+GRID_M = (3.0, 5.0, 7.0, 10.0)
+GRID_LAM = (0.02, 0.05, 0.08, 0.12, 0.2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    ap.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of the TPE study")
+    ap.add_argument("--eval-samples", type=int, default=16)
+    args = ap.parse_args()
+
+    from prunesearch.search.driver import run_study
+    from prunesearch.workers.evaluator import Evaluator
+
+    cfg = load_config(StudyConfig, args.config)
+    cfg.search.pruner = "none"
+    times: dict[str, float] = {}
+    with timer(times, "evaluator start-up"):
+        ev = Evaluator(cfg)
+    _, held_out = load_texts(ev.lm.tokenizer, cfg.calibration, EvalConfig(source="lee", samples=args.eval_samples, seq_len=512))
+
+    def score(cand: Candidate) -> tuple[float, float]:
+        res = ev.evaluate(cand)
+        return res["named"]["frobenius"], perplexity(ev.model, held_out)
+
+    rows = []
+    with timer(times, "baselines"):
+        rows.append(("uniform Wanda", *score(Candidate(allocation={"name": "uniform", "params": {}}))))
+        rows.append(("OWL defaults (M 5, lambda 0.08)", *score(Candidate(allocation={"name": "owl", "params": {}}))))
+    grid = []
+    with timer(times, f"OWL grid ({len(GRID_M) * len(GRID_LAM)} points)"):
+        for M in GRID_M:
+            for lam in GRID_LAM:
+                frob, ppl = score(Candidate(allocation={"name": "owl", "params": {"M": M, "lam": lam}}))
+                grid.append((frob, ppl, M, lam))
+    by_frob = min(grid)
+    by_ppl = min(grid, key=lambda g: g[1])
+    rows.append((f"OWL grid, best reconstruction error (M {by_frob[2]:g}, lambda {by_frob[3]:g})", by_frob[0], by_frob[1]))
+    rows.append((f"OWL grid, best held-out perplexity: oracle (M {by_ppl[2]:g}, lambda {by_ppl[3]:g})", by_ppl[0], by_ppl[1]))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        study_cfg = cfg.model_copy(deep=True)
+        study_cfg.storage = f"sqlite:///{tmp}/bench.db"
+        study_cfg.study = "bench"
+        study_cfg.search.trials = 100000
+        study_cfg.search.timeout_s = args.minutes * 60
+        t = time.perf_counter()
+        summary = run_study(study_cfg, progress=False)
+        times[f"TPE study ({summary.finished} trials)"] = time.perf_counter() - t
+        best = optuna.load_study(study_name="bench", storage=study_cfg.storage).best_trial
+    frob, ppl = score(Candidate(ratios=best.user_attrs["ratios"]))
+    rows.append((f"TPE study best (trial {best.number} of {summary.finished}, {args.minutes:g} min)", frob, ppl))
+
+    print(f"# SmolLM2-135M, {cfg.pruning.metric} scores at {cfg.pruning.sparsity:.0%}; reconstruction error on "
+          f"{tuple(ev.ref.ids.shape)} calibration prompts; perplexity on {held_out.numel()} held-out Lee tokens at 512")
+    print("| allocation | reconstruction Frobenius | held-out perplexity |")
+    print("|---|---:|---:|")
+    for name, f, p in rows:
+        print(f"| {name} | {f:,.0f} | {p:,.1f} |")
+    print("\n# time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    print("# best per-block sparsity: " + " ".join(f"{r:.2f}" for r in best.user_attrs["ratios"]))
+
+
+if __name__ == "__main__":
+    main()

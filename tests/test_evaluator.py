@@ -1,0 +1,80 @@
+"""The worker's evaluator: rank-based masks equal the engine's, the dense side is cached,
+an Optuna pruner can stop a trial between batches, KV bits change the objectives."""
+
+import pytest
+import torch
+
+from prunesearch.config import StudyConfig
+from prunesearch.models import load_model, prunable_linears
+from prunesearch.prune_job import load_texts
+from prunesearch.pruning.engine import PruneSpec, prune_model
+from prunesearch.spaces import Candidate
+from prunesearch.workers import evaluator as evaluator_module
+from prunesearch.workers.evaluator import Evaluator
+
+
+def small_config(**kw) -> StudyConfig:
+    data = {
+        "model": {"name": "default", "max_layers": 2, "device": "cpu"},
+        "calibration": {"source": "lee", "samples": 8, "seq_len": 32, "batch_size": 2},
+        "pruning": {"metric": "wanda", "sparsity": 0.6},
+        "reconstruction_samples": 6,
+        "space": {"kv_bits": True},
+        "objectives": ["frobenius", "kl", "kv_bytes"],
+        "kv_cache": {"bits_choices": [16, 8, 4]},
+    }
+    data.update(kw)
+    return StudyConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def ev():
+    return Evaluator(small_config())
+
+
+def test_rank_masks_equal_the_engine_masks(ev):
+    cand = Candidate(ratios=[0.45, 0.75])
+    ev.apply(cand)
+    fast = {l.name: l.weight.clone() for l in ev.linears}
+    lm = load_model("default", device="cpu", max_layers=2)
+    calib, _ = load_texts(lm.tokenizer, ev.cfg.calibration, None)
+    prune_model(lm.model, calib, PruneSpec(metric="wanda", sparsity=0.6, mode="one_shot",
+                                           allocation={"name": "explicit", "params": {"sparsities": [0.45, 0.75]}}))
+    for lin in prunable_linears(lm.model):
+        assert torch.equal(lin.weight, fast[lin.name])
+
+
+def test_the_dense_side_is_computed_once_and_reused(ev, monkeypatch):
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration ran again")
+
+    monkeypatch.setattr(evaluator_module, "collect_stats", no_calibration)
+    again = Evaluator(small_config())
+    torch.testing.assert_close(again.ref.hidden, ev.ref.hidden)
+    for name, st in ev.stats.items():
+        torch.testing.assert_close(again.stats[name].wanda_norm, st.wanda_norm)
+
+
+def test_a_pruner_can_stop_a_trial_between_batches(ev):
+    seen = []
+    res = ev.evaluate(Candidate(ratios=[0.6, 0.6]), on_batch=lambda step, value: seen.append((step, value)) or step == 1)
+    assert res["pruned"] and [s for s, _ in seen] == [0, 1]
+    full = ev.evaluate(Candidate(ratios=[0.6, 0.6]))
+    assert not full["pruned"] and seen[0][1] > 0
+    # the running value is scaled to the whole prompt set: the last step equals the final value
+    steps = []
+    ev.evaluate(Candidate(ratios=[0.6, 0.6]), on_batch=lambda step, value: steps.append(value) and False)
+    assert steps[-1] == pytest.approx(full["named"]["frobenius"])
+
+
+def test_kv_bits_change_the_error_and_the_bytes(ev):
+    dense_kv = ev.evaluate(Candidate(ratios=[0.6, 0.6], kv_bits=[16, 16]))["named"]
+    low_kv = ev.evaluate(Candidate(ratios=[0.6, 0.6], kv_bits=[4, 8]))["named"]
+    assert low_kv["kv_bytes"] < dense_kv["kv_bytes"] == 2 * 2 * 3 * 64 * 2
+    assert low_kv["frobenius"] != dense_kv["frobenius"] and low_kv["kl"] > 0
+
+
+def test_owl_candidates_are_resolved_on_the_worker(ev):
+    res = ev.evaluate(Candidate(allocation={"name": "owl", "params": {"M": 3.0, "lam": 0.1}}))
+    assert len(res["ratios"]) == 2 and sum(res["ratios"]) / 2 == pytest.approx(0.6)
+    assert res["achieved"] == pytest.approx(0.6, abs=0.01)
