@@ -102,21 +102,8 @@ def test_launch_runs_a_study_through_ray_and_sqlite(tmp_path, capsys, ray_sessio
 
 def test_killed_study_resumes_to_exactly_the_requested_trials(tmp_path, capsys, ray_session):
     cfg = study_config(tmp_path, trials=30)
-    path = write_config(tmp_path, cfg)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "prunesearch", "launch", str(path), "--quiet"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = _launch_and_wait(cfg, write_config(tmp_path, cfg), 3)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            try:
-                done = len(load(cfg).get_trials(states=FINISHED))
-            except Exception:  # the study may not exist yet
-                continue
-            if done >= 3:
-                break
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its in-process Ray, mid-study
         proc.wait(30)
     finally:
@@ -137,6 +124,46 @@ def test_killed_study_resumes_to_exactly_the_requested_trials(tmp_path, capsys, 
     lost = [t for t in after.get_trials(states=(TrialState.FAIL,))]
     retried = {t.user_attrs.get("retry_of") for t in after.trials}
     assert all(t.number in retried for t in lost if t.params)
+
+
+def _launch_and_wait(cfg: dict, path: Path, finished: int) -> subprocess.Popen:
+    """Start `prunesearch launch` in its own session; return once the study holds ``finished`` trials."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "prunesearch", "launch", str(path), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            if len(load(cfg).get_trials(states=FINISHED)) >= finished:
+                break
+        except Exception:  # the study may not exist yet
+            continue
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    return proc
+
+
+def test_ctrl_c_stops_cleanly_and_resume_reruns_the_interrupted(tmp_path, capsys, ray_session):
+    cfg = study_config(tmp_path, trials=30)
+    proc = _launch_and_wait(cfg, write_config(tmp_path, cfg), 3)
+    try:
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 130, proc.stderr.read().decode()[-2000:]
+    study = load(cfg)
+    assert not study.get_trials(states=(TrialState.RUNNING,))  # nothing left dangling
+    n_done = len(study.get_trials(states=FINISHED))
+    assert 3 <= n_done < 30
+    code, _, err = run_cli(["resume", "--study", "t", "--storage", cfg["storage"], "--quiet"], capsys)
+    assert code == 0, err
+    after = load(cfg)
+    assert len(after.get_trials(states=FINISHED)) == 30
+    interrupted = [t for t in after.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("interrupted")]
+    retried = {t.user_attrs.get("retry_of") for t in after.trials}
+    assert all(t.number in retried for t in interrupted)
 
 
 @pytest.mark.parametrize("patch,message", [

@@ -176,7 +176,9 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     ratios = alloc_entry.fn(ctx, spec.sparsity, **alloc_params)
     sizes = ctx.sizes
     if nm is not None and alloc_entry.name != "explicit":
-        ratios = round_to_grid(ratios, sizes, spec.sparsity, nm.m)
+        ratios = round_to_grid(ratios, sizes, spec.sparsity, nm.m)  # exact for equal blocks, else nearest on the grid
+    elif alloc_entry.name != "explicit" and abs(weighted_mean(ratios, sizes) - spec.sparsity) > 1e-6:
+        raise RuntimeError(f"allocation {alloc_entry.name} broke the budget: {weighted_mean(ratios, sizes)} != {spec.sparsity}")
     timings["allocation"] = time.perf_counter() - t
 
     pruner = _LayerPruner(spec, group, nm)
@@ -198,8 +200,6 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
         stats_source = "sequential: each block's inputs from the already pruned blocks" if metric_stats else "none (weights only)"
     timings["pruning"] = time.perf_counter() - t  # sequential mode: includes the block forwards
     timings["total"] = time.perf_counter() - t_start
-    if alloc_entry.name != "explicit" and abs(weighted_mean(ratios, sizes) - spec.sparsity) > 1e-6:
-        raise RuntimeError(f"allocation {alloc_entry.name} broke the budget: {weighted_mean(ratios, sizes)} != {spec.sparsity}")
     return PruneResult(records, ratios, stats_source, group, str(nm) if nm else "unstructured", timings, pruner.added_bias)
 
 

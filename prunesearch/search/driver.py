@@ -8,7 +8,10 @@ ones and re-enqueues their parameters, finishing with exactly the requested numb
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -123,6 +126,27 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
                       _best(study), time.perf_counter() - t0, stopped_by)
 
 
+@contextlib.contextmanager
+def _deferred_ctrl_c():
+    """The first Ctrl-C only sets a flag that the loop checks at a safe point (never in the middle
+    of a database write); a second one interrupts at once."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(_signum, _frame):
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _optimize(study: optuna.Study, cfg: StudyConfig, space, pool, t0: float, progress: bool) -> str:
     import ray
 
@@ -133,8 +157,13 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, pool, t0: float, pro
     bar = tqdm(total=target, initial=min(count_finished(study), target), desc=f"study {study.study_name}",
                disable=not progress, unit="trial")
     stop = None
-    try:
+    with _deferred_ctrl_c() as ctrl_c, contextlib.closing(bar):
         while True:
+            if ctrl_c.is_set():
+                stop = "interrupt"
+                _abandon(study, in_flight)
+                log.warning("interrupted: finished trials are saved; `prunesearch resume` re-runs the interrupted ones")
+                break
             finished = count_finished(study)
             if stop is None:
                 if finished >= target:
@@ -168,17 +197,18 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, pool, t0: float, pro
                     bar.set_postfix(best=f"{best[0]:.5g}")
                 else:
                     since_best += 1
-    except KeyboardInterrupt:
-        stop = "interrupt"
-        for ref, (trial, _) in in_flight.items():
-            ray.cancel(ref, force=True)
-            trial.set_user_attr("interrupted", True)
-            study.tell(trial, state=TrialState.FAIL)
-        in_flight.clear()
-        log.warning("interrupted: finished trials are saved; `prunesearch resume` re-runs the %s", "interrupted ones")
-    finally:
-        bar.close()
     return stop or "trials"
+
+
+def _abandon(study: optuna.Study, in_flight: dict) -> None:
+    """Cancel running evaluations; their trials are marked failed and interrupted (resume re-runs them)."""
+    import ray
+
+    for ref, (trial, _) in list(in_flight.items()):
+        ray.cancel(ref, force=True)
+        trial.set_user_attr("interrupted", True)
+        study.tell(trial, state=TrialState.FAIL)
+    in_flight.clear()
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, ref) -> TrialState:
