@@ -78,3 +78,20 @@ def test_owl_candidates_are_resolved_on_the_worker(ev):
     res = ev.evaluate(Candidate(allocation={"name": "owl", "params": {"M": 3.0, "lam": 0.1}}))
     assert len(res["ratios"]) == 2 and sum(res["ratios"]) / 2 == pytest.approx(0.6)
     assert res["achieved"] == pytest.approx(0.6, abs=0.01)
+
+
+def test_the_dense_cache_follows_the_text_not_just_its_name(tmp_path):
+    """Same config, same file name, new text in the file: the cached dense side must not be reused."""
+    import time
+
+    text = tmp_path / "calib.txt"
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    text.write_text("\n\n".join(" ".join(words[i % 10:] + words[: i % 10]) * 3 for i in range(200)))
+    cfg = small_config(calibration={"source": str(text), "samples": 4, "seq_len": 32, "batch_size": 2},
+                       reconstruction_samples=4)
+    first = Evaluator(cfg)
+    time.sleep(0.01)
+    text.write_text("\n\n".join(f"Report {i}: the river rose {i} inches overnight and the town slept." for i in range(400)))
+    second = Evaluator(cfg)
+    assert not torch.equal(second.ref.ids, first.ref.ids)
+    assert not torch.allclose(second.ref.hidden, first.ref.hidden)

@@ -9,6 +9,7 @@ reconstruction prompts (the Gram trick spares the lm_head), and perplexity only 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Callable
 
@@ -59,7 +60,8 @@ class Evaluator:
         c = self.cfg
         key = dense_key(model=self.lm.source, spec=c.model.name, dtype=c.model.dtype, device=self.device.type,
                         max_layers=c.model.max_layers, calibration=c.calibration.model_dump(),
-                        recon=c.reconstruction_samples)
+                        recon=c.reconstruction_samples,
+                        tokens=hashlib.sha256(calib.numpy().tobytes()).hexdigest())  # the text itself, not its name
         cached = load_dense(key, self.device)
         if cached is not None:
             return cached
