@@ -100,6 +100,16 @@ def test_launch_runs_a_study_through_ray_and_sqlite(tmp_path, capsys, ray_sessio
     assert code == 2 and "different config" in err
 
 
+def _resume_to_30(cfg: dict, capsys) -> optuna.Study:
+    """The study stopped part-way; `resume` finishes it with exactly 30 finished trials."""
+    assert 3 <= len(load(cfg).get_trials(states=FINISHED)) < 30
+    code, _, err = run_cli(["resume", "--study", "t", "--storage", cfg["storage"], "--quiet"], capsys)
+    assert code == 0, err
+    after = load(cfg)
+    assert len(after.get_trials(states=FINISHED)) == 30
+    return after
+
+
 def test_killed_study_resumes_to_exactly_the_requested_trials(tmp_path, capsys, ray_session):
     cfg = study_config(tmp_path, trials=30)
     proc = _launch_and_wait(cfg, write_config(tmp_path, cfg), 3)
@@ -109,14 +119,7 @@ def test_killed_study_resumes_to_exactly_the_requested_trials(tmp_path, capsys, 
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    before = load(cfg)
-    n_done = len(before.get_trials(states=FINISHED))
-    assert 3 <= n_done < 30
-
-    code, out, err = run_cli(["resume", "--study", "t", "--storage", cfg["storage"], "--quiet"], capsys)
-    assert code == 0, err
-    after = load(cfg)
-    assert len(after.get_trials(states=FINISHED)) == 30
+    after = _resume_to_30(cfg, capsys)
     assert not after.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     # nothing finished before the kill was evaluated again
     numbers = [t.number for t in after.get_trials(states=FINISHED)]
@@ -153,14 +156,8 @@ def test_ctrl_c_stops_cleanly_and_resume_reruns_the_interrupted(tmp_path, capsys
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert code == 130, proc.stderr.read().decode()[-2000:]
-    study = load(cfg)
-    assert not study.get_trials(states=(TrialState.RUNNING,))  # nothing left dangling
-    n_done = len(study.get_trials(states=FINISHED))
-    assert 3 <= n_done < 30
-    code, _, err = run_cli(["resume", "--study", "t", "--storage", cfg["storage"], "--quiet"], capsys)
-    assert code == 0, err
-    after = load(cfg)
-    assert len(after.get_trials(states=FINISHED)) == 30
+    assert not load(cfg).get_trials(states=(TrialState.RUNNING,))  # nothing left dangling
+    after = _resume_to_30(cfg, capsys)
     interrupted = [t for t in after.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("interrupted")]
     retried = {t.user_attrs.get("retry_of") for t in after.trials}
     assert all(t.number in retried for t in interrupted)
