@@ -4,7 +4,7 @@ One-shot statistics from the dense model (32 x 256 Wikipedia calibration tokens)
 perplexity on the Lee news corpus, reconstruction error on 8 calibration prompts. Prints a
 markdown table with the time each step took.
 
-    python bench/quality.py [--eval-samples 8] [--metrics wanda,ria] [--quick]
+    python bench/quality.py [--eval-samples 8] [--metrics wanda ria] [--allocations uniform owl:M=7]
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from prunesearch.pruning.masks import NM
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--metrics", default="magnitude,wanda,stade,ria")
-    ap.add_argument("--allocations", default="uniform,owl,mrp")
-    ap.add_argument("--sparsities", default="0.5,0.6,0.7,2:4")
+    ap.add_argument("--metrics", nargs="+", default=["magnitude", "wanda", "stade", "ria"])
+    ap.add_argument("--allocations", nargs="+", default=["uniform", "owl", "mrp"], help="specs, e.g. owl:M=10,lam=0.2")
+    ap.add_argument("--sparsities", nargs="+", default=["0.5", "0.6", "0.7", "2:4"])
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--eval-len", type=int, default=512)
     args = ap.parse_args()
@@ -45,16 +45,16 @@ def main() -> None:
     print("| metric | allocation | sparsity | perplexity | recon. rel. Frobenius | KL | score+rank s | alloc+mask s | eval s |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     print(f"| dense | - | 0% | {dense_ppl:.2f} | 0 | 0 | - | - | {times['dense_perplexity']:.1f} |")
-    for structure in args.sparsities.split(","):
+    for structure in args.sparsities:
         nm = NM.parse(structure) if ":" in structure else None
         sparsity = nm.n / nm.m if nm else float(structure)
-        for metric in args.metrics.split(","):
+        for metric in args.metrics:
             spec = PruneSpec(metric=metric, sparsity=sparsity, structure=structure if nm else "unstructured")
             group = resolve_group(spec)
             t = time.perf_counter()
             masker = FastMasker(linears, stats, metric, group, nm)
             t_rank = time.perf_counter() - t
-            for alloc in args.allocations.split(","):
+            for alloc in args.allocations:
                 t = time.perf_counter()
                 masker.restore()
                 ctx = AllocationContext(blocks, stats, metric, group, nm)
