@@ -303,7 +303,7 @@ def export(
 
         check_output_dir(apply, overwrite)
     data = prune_config(cfg, trial)
-    validate(PruneConfig, data, "exported config")  # never write what prune would refuse
+    exported = validate(PruneConfig, data, "exported config")  # never write what prune would refuse
     names = st.user_attrs.get("objectives", [])
     values = ", ".join(f"{n} {v:.6g}" for n, v in zip(names, trial.values))
     header = f"# prunesearch export: study {study}, trial {trial.number} ({values})\n# apply: prunesearch prune --config {out.name} --out DIR"
@@ -317,7 +317,7 @@ def export(
         from prunesearch.prune_job import run_prune
 
         _quiet_libraries(quiet)
-        report = run_prune(validate(PruneConfig, data, "exported config"), apply, overwrite=overwrite, progress=not quiet)
+        report = run_prune(exported, apply, overwrite=overwrite, progress=not quiet)
         _print_prune_report(report, apply)
 
 

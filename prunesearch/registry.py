@@ -84,7 +84,3 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if not name:
         raise UserError(f"empty method name in '{spec}'")
     return name, params
-
-
-def format_spec(name: str, params: dict[str, Any]) -> str:
-    return name if not params else name + ":" + ",".join(f"{k}={v}" for k, v in params.items())

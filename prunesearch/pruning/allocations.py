@@ -158,8 +158,3 @@ def explicit(ctx: AllocationContext, target: float, *, sparsities: list | None =
     if any(isinstance(s, (list, tuple)) and len(s) != 2 for s in sparsities) or any(not 0 <= float(x) < 1 for x in flat):
         raise UserError("explicit sparsities must each lie in [0, 1), given per block or as [attention, MLP] pairs")
     return [[float(x) for x in s] if isinstance(s, (list, tuple)) else float(s) for s in sparsities]
-
-
-def allocation_needs_stats(spec) -> bool:
-    entry, _ = ALLOCATIONS.resolve(spec)
-    return entry.meta.get("needs_stats", True)

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.search.study import create_or_check
-from prunesearch.spaces import Candidate, ModelLayout, make_space
 from prunesearch.pruning.masks import parse_structure
+from prunesearch.spaces import ModelLayout, make_space
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -32,10 +32,6 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def study_names(storage_url: str) -> list[str]:
-    return [s.study_name for s in optuna.get_all_study_summaries(open_storage(storage_url))]
-
-
 def create_or_check(cfg: StudyConfig, name: str, storage_url: str) -> tuple[optuna.Study, bool]:
     """Create the study (returns created=True), or reopen it if its config is the same."""
     storage = open_storage(storage_url)

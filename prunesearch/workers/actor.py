@@ -36,16 +36,16 @@ class EvaluatorActor:
             import optuna
 
             from prunesearch.search.storage import open_storage
+            from prunesearch.search.study import make_pruner
 
-            pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0) \
-                if self.evaluator.cfg.search.pruner == "median" else optuna.pruners.NopPruner()
             self._study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url, create=False),
-                                            pruner=pruner)
+                                            pruner=make_pruner(self.evaluator.cfg))
         return self._study
 
     def evaluate(self, trial_id: int | None, candidate: dict) -> dict:
         on_batch = None
-        if trial_id is not None and self.evaluator.cfg.search.pruner == "median" and len(self.evaluator.cfg.objectives) == 1:
+        # the config turns the pruner off for multi-objective studies (Optuna prunes single-objective ones only)
+        if trial_id is not None and self.evaluator.cfg.search.pruner == "median":
             import optuna
 
             trial = optuna.Trial(self._open_study(), trial_id)
