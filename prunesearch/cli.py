@@ -271,17 +271,33 @@ def _print_study(st, limit: int, out: Console) -> None:
     table.add_column("note")
     for t in complete[:limit]:
         mark = "*" if (len(names) > 1 and t.number in front) else ""
-        note = t.user_attrs.get("baseline", "") and f"baseline {t.user_attrs['baseline']}"
+        note = _trial_note(t)
         table.add_row(f"{t.number}{mark}", *[f"{v:.6g}" for v in t.values],
                       f"{t.user_attrs.get('achieved_sparsity', float('nan')):.4f}", note)
     out.print(table)
+
+
+def _trial_note(t) -> str:
+    """baseline name, NSGA-III generation and the trial's own metric, where there are any."""
+    a, parts = t.user_attrs, []
+    if "baseline" in a:
+        parts.append(f"baseline {a['baseline']}")
+    if "generation" in a:
+        parts.append(f"g{a['generation']}")
+    metric = a.get("metric", "")
+    if metric.startswith("meta:"):  # coef·op of the weights | of the activations
+        v = [kv.split("=", 1)[1] for kv in metric[5:].split(",")]
+        parts.append(f"{v[0]}·{v[1]}|{v[2]}·{v[3]}")
+    return " ".join(parts)
 
 
 @app.command()
 def export(
     study: str = typer.Option(..., help="Study to export from."),
     out: Path = typer.Option(..., "--out", "-o", help="Pruning config YAML to write (an llm-compressor recipe goes beside it)."),
-    pick: str = typer.Option("best", help="best, knee (multi-objective) or 'trial N'."),
+    pick: str = typer.Option("best", help="best; knee (the Pareto point nearest the ideal); 'within TOL' (best first objective "
+                                          "among trials within TOL of the sparsity budget: what best means when the budget "
+                                          "deviation is an objective, TOL 0.005); or 'trial N'."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     apply: Optional[Path] = typer.Option(None, "--apply", help="Also prune the model with it and save it to this directory."),
     overwrite: bool = typer.Option(False, help="Replace existing output files / --apply directory."),

@@ -172,14 +172,25 @@ class SpaceConfig(Strict):
 
 
 class SearchConfig(Strict):
-    sampler: Literal["tpe", "random"] = "tpe"
-    trials: int = Field(40, ge=1, description="finished (complete or pruned) trials the study ends with")
+    sampler: Literal["tpe", "random", "nsga3"] = Field("tpe", description="tpe (Optuna), random, or nsga3 (pymoo; needs the optishear space)")
+    trials: int = Field(40, ge=1, description="finished (complete or pruned) trials the study ends with; nsga3: evaluations")
     timeout_s: float | None = Field(None, gt=0, description="stop asking for new trials after this many seconds")
     seed: int = 0
     n_startup_trials: int = Field(8, ge=0)
     pruner: Literal["median", "none"] = "median"
     patience: int | None = Field(None, ge=1, description="stop after this many finished trials without a new best")
-    baselines: list[Literal["uniform", "owl"]] = Field(["uniform", "owl"], description="enqueued first, so the study can only improve on them")
+    baselines: list[Literal["uniform", "owl", "wanda", "ria"]] = Field(
+        ["uniform", "owl"], description="enqueued first (nsga3: seeded into the first population; default wanda, ria, owl)")
+    population: int = Field(50, ge=2, description="nsga3: individuals per generation")
+    ref_partitions: int = Field(3, ge=1, description="nsga3: Das-Dennis partitions of the reference directions")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nsga3_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("sampler") == "nsga3":
+            # seeds: Wanda, the RIA-like point, OWL; and no early stopping: a generation needs every value
+            data = {"baselines": ["wanda", "ria", "owl"], **data, "pruner": "none"}
+        return data
 
 
 class WorkersConfig(Strict):
@@ -244,6 +255,10 @@ class StudyConfig(Strict):
                              f"[space.min_sparsity {self.space.min_sparsity}, space.max_sparsity {self.space.max_sparsity}]")
         if self.reconstruction_samples > self.calibration.samples:
             raise ValueError("reconstruction_samples cannot exceed calibration.samples")
+        if self.search.sampler == "nsga3" and self.space.name != "optishear":
+            raise ValueError(f"the nsga3 sampler evolves a discrete space: set space.name to optishear (not {self.space.name})")
+        if self.space.name != "optishear" and {"wanda", "ria"} & set(self.search.baselines):
+            raise ValueError("the baselines wanda and ria name a metric: only the optishear space searches the metric")
         if self.search.pruner == "median" and len(self.objectives) > 1:
             self.search.pruner = "none"  # Optuna prunes single-objective studies only
         return self

@@ -3,7 +3,8 @@
 A search evaluates hundreds of sparsity allocations under one metric. The scores and their
 per-group ranks depend only on the dense weights and the calibration statistics, so they are
 computed once; a candidate's masks are then ``ranks < k`` applied in place over a kept dense
-copy (no sort, no new model).
+copy (no sort, no new model). A candidate with another metric (NSGA-III searches the metric)
+is scored layer by layer and masked by selection (kthvalue), still in place.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import torch
 
 from prunesearch.models.families import PrunableLinear
 from prunesearch.pruning import metrics
-from prunesearch.pruning.masks import NM, count_pruned, score_ranks
+from prunesearch.pruning.masks import NM, count_pruned, prune_mask, score_ranks
 from prunesearch.pruning.stats import ColumnStats
 
 
 class FastMasker:
     def __init__(self, linears: list[PrunableLinear], stats: dict[str, ColumnStats] | None, metric: str,
                  group: str = "row", nm: NM | None = None):
-        self.linears, self.group, self.nm = linears, group, nm
+        self.linears, self.group, self.nm, self.stats = linears, group, nm, stats
         self.dense = {l.name: l.weight.clone() for l in linears}
         self.ranks = {}
         self.rerank(stats, metric)
@@ -33,15 +34,21 @@ class FastMasker:
             self.ranks[lin.name] = score_ranks(scores, self.group, self.nm)
 
     @torch.no_grad()
-    def apply(self, sparsity: dict[str, float]) -> int:
-        """Prune each layer to its ratio (from the dense weights); returns the number of weights masked."""
+    def apply(self, sparsity: dict[str, float], metric: str | None = None) -> int:
+        """Prune each layer to its ratio (from the dense weights) under ``metric`` (default: the
+        ranked one); returns the number of weights masked."""
+        ranked = metric is None or metric == self.metric
         masked = 0
         for lin in self.linears:
-            W, ranks = lin.weight, self.ranks[lin.name]
+            W, dense = lin.weight, self.dense[lin.name]
             k = count_pruned(sparsity[lin.name], tuple(W.shape), self.group, self.nm)
-            W.copy_(self.dense[lin.name])
+            W.copy_(dense)
             if k > 0:
-                mask = ranks < k
+                if ranked:
+                    mask = self.ranks[lin.name] < k
+                else:
+                    scores = metrics.score(metric, dense, self.stats.get(lin.name) if self.stats else None)
+                    mask = prune_mask(scores, sparsity[lin.name], self.group, self.nm)
                 W.masked_fill_(mask, 0)
                 masked += self._count(k, W.shape)
         return masked

@@ -81,10 +81,41 @@ def count_pruned(sparsity: float, shape: tuple[int, int], group: str = "row", nm
     return int(math.floor(sparsity * size + 1e-9))
 
 
+def lowest_k_along_last(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True for the k lowest entries of every row (ties: lower index first), without a sort.
+
+    Exactly ``stable ascending rank < k``, by a selection (kthvalue, O(n) per row) instead: when
+    every trial brings a new metric, a full sort per layer would cost as much as the forward.
+    """
+    n = scores.shape[-1]
+    if k <= 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    thr = scores.kthvalue(k, dim=-1, keepdim=True).values
+    below = scores < thr
+    at = scores == thr
+    need = k - below.sum(-1, keepdim=True)
+    if torch.equal(at.sum(-1, keepdim=True), need):  # no tie straddles the cut (the usual case)
+        return below | at
+    return below | (at & (at.cumsum(-1) <= need))  # among tied scores, the lower index goes
+
+
 def prune_mask(scores: torch.Tensor, sparsity: float, group: str = "row", nm: NM | None = None) -> torch.Tensor:
     """Boolean mask (True = prune) of a (d_out, d_in) score matrix.
 
     Unstructured: per row the lowest floor(s * d_in) go (Wanda's group), or per layer the lowest
     floor(s * numel). N:M: ``nm`` gives M; the number pruned per block of M is round(s * M).
+    Equal to ``score_ranks(...) < count_pruned(...)``, computed by selection rather than sorting.
     """
-    return score_ranks(scores, group, nm) < count_pruned(sparsity, tuple(scores.shape), group, nm)
+    d_out, d_in = scores.shape
+    k = count_pruned(sparsity, (d_out, d_in), group, nm)
+    if nm is not None:
+        if d_in % nm.m:
+            raise UserError(f"structure N:{nm.m} does not fit a layer with {d_in} input columns ({d_in} % {nm.m} != 0)")
+        return lowest_k_along_last(scores.reshape(d_out, d_in // nm.m, nm.m), k).reshape(d_out, d_in)
+    if group == "row":
+        return lowest_k_along_last(scores, k)
+    if group == "layer":
+        return lowest_k_along_last(scores.reshape(-1), k).reshape(d_out, d_in)
+    raise UserError(f"unknown comparison group '{group}': use {' or '.join(GROUPS)}")

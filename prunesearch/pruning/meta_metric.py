@@ -66,4 +66,14 @@ def meta(W: torch.Tensor, stats: ColumnStats, *, coef_w: str = "one", op_w: str 
     x = stats.wanda_norm.to(W.device).square().reshape(1, -1)  # xbar, as a (1, d_in) row
     weight_part = coefficient(A, coef_w) * transform(A, op_w)
     act_part = coefficient(x, coef_x) * transform(x.sqrt(), op_x)
-    return weight_part * act_part
+    # each part is finite, but a product of two large ones can overflow: saturate, never inf
+    return torch.nan_to_num_(weight_part * act_part, nan=0.0, posinf=torch.finfo(W.dtype).max)
+
+
+def meta_spec(coef_w: str, op_w: str, coef_x: str, op_x: str) -> str:
+    """The metric spec string of one point of the space (what configs and exports carry)."""
+    return f"meta:coef_w={coef_w},op_w={op_w},coef_x={coef_x},op_x={op_x}"
+
+
+WANDA_POINT = ("one", "identity", "one", "identity")
+RIA_LIKE_POINT = ("rowcol", "identity", "one", "sqrt")  # |W| / (row + column sums) * ||x||^0.5

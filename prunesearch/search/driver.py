@@ -63,6 +63,15 @@ def requeue_stale(study: optuna.Study) -> int:
     return n
 
 
+def fail_stale(study: optuna.Study) -> int:
+    """Mark trials left RUNNING by a crash as failed (and interrupted: not the individual's fault)."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        optuna.Trial(study, t._trial_id).set_user_attr("interrupted", True)
+        study.tell(t.number, state=TrialState.FAIL)
+    return len(stale)
+
+
 def make_study_space(cfg: StudyConfig, layout: ModelLayout):
     nm = parse_structure(cfg.pruning.structure)
     return make_space(cfg.space.name, layout, cfg.pruning.sparsity, min_sparsity=cfg.space.min_sparsity,
@@ -99,9 +108,13 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
     t0 = time.perf_counter()
     name = cfg.study or cfg.default_study_name()
     study, created = create_or_check(cfg, name, cfg.storage)
-    requeued = requeue_stale(study)
-    if requeued:
-        log.warning("re-enqueued %d trial(s) lost by an earlier crash or interrupt", requeued)
+    evolutionary = cfg.search.sampler == "nsga3"
+    if evolutionary:
+        fail_stale(study)  # the replay re-evaluates what they held
+    else:
+        requeued = requeue_stale(study)
+        if requeued:
+            log.warning("re-enqueued %d trial(s) lost by an earlier crash or interrupt", requeued)
     started_ray = start_ray(cfg.workers)
     pool = None
     stopped_by = "trials"
@@ -111,10 +124,17 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
         space = make_study_space(cfg, layout)
         if "model_info" not in study.user_attrs:
             study.set_user_attr("model_info", {k: pool.info[0][k] for k in ("block_class", "linear_names", "layout")})
-        if "baselines_enqueued" not in study.user_attrs:
-            resolve = lambda alloc: ray.get(pool.actors[0].resolve.remote(alloc))  # noqa: E731
-            enqueue_baselines(study, cfg, space, resolve)
-        stopped_by = _optimize(study, cfg, space, pool, t0, progress)
+        resolve = lambda alloc: ray.get(pool.actors[0].resolve.remote(alloc))  # noqa: E731
+        if evolutionary:
+            from prunesearch.search.nsga3 import evolve, seed_vectors
+
+            seeds = seed_vectors(study, cfg, space, resolve)
+            with _progress(study, cfg, progress) as (ctrl_c, bar):
+                stopped_by = evolve(study, cfg, space, pool, seeds, t0, ctrl_c, bar)
+        else:
+            if "baselines_enqueued" not in study.user_attrs:
+                enqueue_baselines(study, cfg, space, resolve)
+            stopped_by = _optimize(study, cfg, space, pool, t0, progress)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -147,6 +167,16 @@ def _deferred_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _progress(study: optuna.Study, cfg: StudyConfig, progress: bool):
+    """Deferred Ctrl-C and a progress bar over the study's finished trials."""
+    target = cfg.search.trials
+    bar = tqdm(total=target, initial=min(count_finished(study), target), desc=f"study {study.study_name}",
+               disable=not progress, unit="trial")
+    with _deferred_ctrl_c() as ctrl_c, contextlib.closing(bar):
+        yield ctrl_c, bar
+
+
 def _optimize(study: optuna.Study, cfg: StudyConfig, space, pool, t0: float, progress: bool) -> str:
     import ray
 
@@ -154,10 +184,8 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, pool, t0: float, pro
     in_flight: dict = {}  # ObjectRef -> (trial, actor)
     best, since_best, failures_in_a_row = _best(study), 0, 0
     max_failures = max(3, 2 * len(pool.actors))
-    bar = tqdm(total=target, initial=min(count_finished(study), target), desc=f"study {study.study_name}",
-               disable=not progress, unit="trial")
     stop = None
-    with _deferred_ctrl_c() as ctrl_c, contextlib.closing(bar):
+    with _progress(study, cfg, progress) as (ctrl_c, bar):
         while True:
             if ctrl_c.is_set():
                 stop = "interrupt"
@@ -184,7 +212,7 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, pool, t0: float, pro
             for ref in done:
                 trial, actor = in_flight.pop(ref)
                 pool.idle.append(actor)
-                state = _tell(study, trial, ref)
+                state, _ = _tell(study, trial, ref)
                 bar.update(1 if state in FINISHED else 0)
                 failures_in_a_row = failures_in_a_row + 1 if state == TrialState.FAIL else 0
                 if failures_in_a_row >= max_failures:
@@ -211,7 +239,7 @@ def _abandon(study: optuna.Study, in_flight: dict) -> None:
     in_flight.clear()
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, ref) -> TrialState:
+def _tell(study: optuna.Study, trial: optuna.Trial, ref) -> tuple[TrialState, list[float] | None]:
     import ray
 
     try:
@@ -220,13 +248,14 @@ def _tell(study: optuna.Study, trial: optuna.Trial, ref) -> TrialState:
         log.error("trial %d failed: %s", trial.number, str(exc).strip().splitlines()[0])
         trial.set_user_attr("error", str(exc)[:2000])
         study.tell(trial, state=TrialState.FAIL)
-        return TrialState.FAIL
+        return TrialState.FAIL, None
     trial.set_user_attr("ratios", result["ratios"])
     trial.set_user_attr("achieved_sparsity", result["achieved"])
     if result["pruned"]:
         study.tell(trial, state=TrialState.PRUNED)
-        return TrialState.PRUNED
+        return TrialState.PRUNED, None
+    trial.set_user_attr("metric", result["metric"])
     trial.set_user_attr("objectives", result["named"])
     trial.set_user_attr("timings", result["timings"])
     study.tell(trial, result["values"])
-    return TrialState.COMPLETE
+    return TrialState.COMPLETE, result["values"]

@@ -36,12 +36,40 @@ def knee(trials: list[FrozenTrial]) -> FrozenTrial:
     return min(trials, key=lambda t: (dist(t), t.number))
 
 
+BUDGET_TOLERANCE = 0.005  # what ``best`` accepts as "on budget" when the budget is an objective
+
+
+def within(study: optuna.Study, complete: list[FrozenTrial], tol: float) -> FrozenTrial | None:
+    """The trial with the best first objective among those within ``tol`` of the sparsity budget."""
+    target = study.user_attrs.get("config", {}).get("pruning", {}).get("sparsity")
+    ok = [t for t in complete if target is not None and abs(t.user_attrs.get("achieved_sparsity", math.inf) - target) <= tol]
+    if not ok:
+        return None
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
+    return min(ok, key=lambda t: (sign * t.values[0], t.number))
+
+
 def pick_trial(study: optuna.Study, pick: str) -> FrozenTrial:
-    """``best`` (single objective; knee when several), ``knee``, or ``trial N`` / ``N``."""
+    """``best``, ``knee``, ``within TOL`` or ``trial N`` / ``N``.
+
+    ``best`` is the best trial of a single-objective study. With several objectives it is the
+    knee of the Pareto front, except when one objective is the deviation from the sparsity
+    budget (NSGA-III studies): then it is the best first objective within 0.005 of the budget,
+    since a "best" model that is less sparse than asked would not be a fair pick.
+    """
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise UserError(f"study '{study.study_name}' has no complete trial yet")
     text = pick.strip().lower()
+    if text.startswith("within"):
+        try:
+            tol = float(text[6:].strip())
+        except ValueError:
+            raise UserError(f"bad pick '{pick}': write 'within 0.01' (a sparsity tolerance)") from None
+        found = within(study, complete, tol)
+        if found is None:
+            raise UserError(f"no complete trial of study '{study.study_name}' lies within {tol} of the sparsity budget")
+        return found
     if text.startswith("trial"):
         text = text[5:].strip()
     if text.isdigit():
@@ -50,10 +78,16 @@ def pick_trial(study: optuna.Study, pick: str) -> FrozenTrial:
             raise UserError(f"trial {text} is not a complete trial of study '{study.study_name}'")
         return by_number[int(text)]
     if text == "best":
-        return study.best_trial if len(study.directions) == 1 else knee(pareto_trials(study))
+        if len(study.directions) == 1:
+            return study.best_trial
+        if "sparsity_deviation" in study.user_attrs.get("objectives", []):
+            found = within(study, complete, BUDGET_TOLERANCE)
+            if found is not None:
+                return found
+        return knee(pareto_trials(study))
     if text == "knee":
         return knee(pareto_trials(study)) if len(study.directions) > 1 else study.best_trial
-    raise UserError(f"unknown pick '{pick}': use best, knee or 'trial N'")
+    raise UserError(f"unknown pick '{pick}': use best, knee, 'within TOL' or 'trial N'")
 
 
 def trial_candidate(cfg: StudyConfig, trial: FrozenTrial) -> Candidate:

@@ -18,6 +18,10 @@ from prunesearch.search.storage import mask_url, open_storage
 
 def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     s = cfg.search
+    if s.sampler == "nsga3":
+        from prunesearch.search.nsga3 import FixedParamsSampler
+
+        return FixedParamsSampler()  # pymoo chooses the individuals; the trial records them
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     with warnings.catch_warnings():
@@ -26,8 +30,13 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
                                           n_startup_trials=s.n_startup_trials)
 
 
+def prunes(cfg: StudyConfig) -> bool:
+    """Whether trials report intermediate values and may be stopped early (single objective only)."""
+    return cfg.search.pruner == "median" and len(cfg.objectives) == 1
+
+
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
-    if cfg.search.pruner == "median" and len(cfg.objectives) == 1:
+    if prunes(cfg):
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
     return optuna.pruners.NopPruner()
 

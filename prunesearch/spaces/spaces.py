@@ -56,6 +56,12 @@ class SearchSpace(ABC):
         ratios = project_to_budget(raw, sizes, self.target, self.lo, self.hi)
         return round_to_grid(ratios, sizes, self.target, self.nm_m) if self.nm_m else ratios
 
+    def unit_names(self) -> list[str]:
+        """Parameter names of the units: s00, s01, ... or attn00, mlp00, attn01, ..."""
+        if self.split:
+            return [f"{part}{i:02d}" for i in range(self.layout.n_blocks) for part in ("attn", "mlp")]
+        return [f"s{i:02d}" for i in range(self.layout.n_blocks)]
+
     def block_to_units(self, block_ratios: list[float]) -> list[float]:
         return [r for r in block_ratios for _ in range(2)] if self.split else list(block_ratios)
 
@@ -71,18 +77,13 @@ class SearchSpace(ABC):
 class BlockwiseSpace(SearchSpace):
     """One free sparsity per unit (block, or attention/MLP of each block), projected on the budget."""
 
-    def names(self) -> list[str]:
-        if self.split:
-            return [f"{part}{i:02d}" for i in range(self.layout.n_blocks) for part in ("attn", "mlp")]
-        return [f"s{i:02d}" for i in range(self.layout.n_blocks)]
-
     def suggest(self, trial: optuna.Trial) -> Candidate:
-        raw = [trial.suggest_float(n, self.lo, self.hi) for n in self.names()]
+        raw = [trial.suggest_float(n, self.lo, self.hi) for n in self.unit_names()]
         return Candidate(ratios=self.on_budget(raw), split=self.split, kv_bits=self.suggest_kv(trial))
 
     def encode(self, allocation: dict, kv_bits: list[int] | None, resolve: Resolver) -> dict[str, Any]:
         units = self.block_to_units(resolve(allocation))
-        params = {n: min(self.hi, max(self.lo, r)) for n, r in zip(self.names(), units)}
+        params = {n: min(self.hi, max(self.lo, r)) for n, r in zip(self.unit_names(), units)}
         return params | self.encode_kv(kv_bits)
 
 

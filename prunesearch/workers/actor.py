@@ -44,8 +44,9 @@ class EvaluatorActor:
 
     def evaluate(self, trial_id: int | None, candidate: dict) -> dict:
         on_batch = None
-        # the config turns the pruner off for multi-objective studies (Optuna prunes single-objective ones only)
-        if trial_id is not None and self.evaluator.cfg.search.pruner == "median":
+        from prunesearch.search.study import prunes
+
+        if trial_id is not None and prunes(self.evaluator.cfg):
             import optuna
 
             trial = optuna.Trial(self._open_study(), trial_id)

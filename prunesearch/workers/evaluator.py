@@ -94,10 +94,8 @@ class Evaluator:
         expected = 2 * self.layout.n_blocks if cand.split else self.layout.n_blocks
         if len(ratios) != expected:
             raise UserError(f"candidate has {len(ratios)} ratios, the model has {expected} units")
-        if cand.metric and cand.metric != self.masker.metric:
-            self.masker.rerank(self.stats, cand.metric)
         per_linear = {l.name: ratios[unit_of(l, cand.split)] for l in self.linears}
-        masked = self.masker.apply(per_linear)
+        masked = self.masker.apply(per_linear, cand.metric)
         return ratios, masked / self.layout.total
 
     def kv_settings(self, cand: Candidate) -> KVCacheConfig:
@@ -138,5 +136,6 @@ class Evaluator:
             "named": values,
             "ratios": ratios,
             "achieved": achieved,
+            "metric": cand.metric or self.cfg.pruning.metric,
             "timings": {"mask_s": t_mask, "total_s": time.perf_counter() - t0},
         }
