@@ -7,6 +7,13 @@ study's best trial after a fixed CPU budget (default configs/default.yaml, throu
 SQLite, uniform and OWL enqueued first). Perplexity on held-out Lee news text.
 
     python bench/search_quality.py [--minutes 10]
+
+With ``--nsga3`` it measures OptiShear's search instead (configs/nsga3.yaml): for each sparsity
+in ``--sparsities``, uniform Wanda, uniform RIA (the meta metric's RIA-like point), OWL with
+Wanda, and the NSGA-III study's best trial within 0.005 of the budget (the found metric and
+allocation), all on held-out perplexity, with the study's wall time on this machine's cores.
+
+    python bench/search_quality.py --nsga3 [--sparsities 0.5 0.7] [--population 50 --evaluations 300]
 """
 
 from __future__ import annotations
@@ -36,7 +43,15 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--objective", default=None, help="override the study objective (e.g. kl)")
     ap.add_argument("--no-grid", action="store_true", help="skip the OWL grid rows")
+    ap.add_argument("--nsga3", action="store_true", help="measure the NSGA-III metric + allocation search instead")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
+    ap.add_argument("--population", type=int, default=50)
+    ap.add_argument("--evaluations", type=int, default=300)
     args = ap.parse_args()
+    if args.nsga3:
+        if args.config.endswith("default.yaml"):
+            args.config = str(ROOT / "configs" / "nsga3.yaml")
+        return nsga3_main(args)
 
     from prunesearch.search.driver import run_study
     from prunesearch.workers.evaluator import Evaluator
@@ -91,6 +106,52 @@ def main() -> None:
         print(f"| {name} | {f:,.4g} | {p:,.1f} |")
     print("\n# time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("# best per-block sparsity: " + " ".join(f"{r:.2f}" for r in best.user_attrs["ratios"]))
+
+
+def nsga3_main(args) -> None:
+    import os
+
+    from prunesearch.pruning.meta_metric import RIA_LIKE_POINT, meta_spec
+    from prunesearch.search.driver import run_study
+    from prunesearch.search.export import pick_trial
+    from prunesearch.workers.evaluator import Evaluator
+
+    base = load_config(StudyConfig, args.config)
+    print(f"# SmolLM2-135M; NSGA-III over the meta metric and per-block S-d/S/S+d (d {base.space.params.get('step', 0.05)}), "
+          f"objectives {', '.join(base.objectives)}; population {args.population}, {args.evaluations} evaluations; "
+          f"{os.cpu_count()} CPU cores")
+    print("| sparsity | method | metric | achieved sparsity | held-out perplexity | search wall time |")
+    print("|---:|---|---|---:|---:|---:|")
+    for sparsity in args.sparsities:
+        cfg = base.model_copy(deep=True)
+        cfg.pruning.sparsity = sparsity
+        ev = Evaluator(cfg)
+        _, held_out = load_texts(ev.lm.tokenizer, cfg.calibration, EvalConfig(source="lee", samples=args.eval_samples, seq_len=512))
+
+        def ppl(cand: Candidate) -> tuple[float, float]:
+            _, achieved = ev.apply(cand)
+            return achieved, perplexity(ev.model, held_out)
+
+        uniform = {"name": "uniform", "params": {}}
+        rows = [("uniform Wanda", "wanda", *ppl(Candidate(allocation=uniform)), "-"),
+                ("uniform RIA-like", meta_spec(*RIA_LIKE_POINT), *ppl(Candidate(allocation=uniform, metric=meta_spec(*RIA_LIKE_POINT))), "-"),
+                ("OWL (Wanda, M 5, lambda 0.08)", "wanda", *ppl(Candidate(allocation={"name": "owl", "params": {}})), "-")]
+        with tempfile.TemporaryDirectory() as tmp:
+            study_cfg = cfg.model_copy(deep=True)
+            study_cfg.storage, study_cfg.study = f"sqlite:///{tmp}/bench.db", "bench"
+            study_cfg.search.population, study_cfg.search.trials = args.population, args.evaluations
+            t = time.perf_counter()
+            summary = run_study(study_cfg, progress=False)
+            wall = time.perf_counter() - t
+            study = optuna.load_study(study_name="bench", storage=study_cfg.storage)
+            best = pick_trial(study, "best")
+            cand = Candidate(ratios=best.user_attrs["ratios"], metric=best.user_attrs["metric"])
+            rows.append((f"NSGA-III best within 0.005 (trial {best.number} of {summary.finished})", best.user_attrs["metric"],
+                         *ppl(cand), f"{wall / 60:.1f} min"))
+        for name, metric, achieved, p, wall_s in rows:
+            print(f"| {sparsity:.0%} | {name} | {metric.replace('meta:', '')} | {achieved:.4f} | {p:,.1f} | {wall_s} |")
+        print(f"| {sparsity:.0%} | (found per-block sparsity) | | {' '.join(f'{r:.2f}' for r in cand.ratios)} | | |")
+        del ev
 
 
 if __name__ == "__main__":

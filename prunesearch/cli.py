@@ -168,7 +168,7 @@ def launch(
     trials: Optional[int] = typer.Option(None, help="Finished trials the study ends with (overrides search.trials)."),
     study: Optional[str] = typer.Option(None, help="Study name (default: derived from the config and its hash)."),
     storage: Optional[str] = typer.Option(None, help=STORAGE_HELP),
-    workers: Optional[int] = typer.Option(None, help="Evaluator actors (overrides workers.count)."),
+    workers: Optional[str] = typer.Option(None, help="Evaluator actors, or auto (overrides workers.count)."),
     address: Optional[str] = typer.Option(None, help="Join a Ray cluster: auto or HOST:PORT (default: Ray in-process)."),
     timeout: Optional[float] = typer.Option(None, help="Stop asking for new trials after this many seconds."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -178,11 +178,15 @@ def launch(
     from prunesearch.config import StudyConfig, read_yaml, validate
 
     data = read_yaml(config)
-    for dotted, value in {"search.trials": trials, "study": study, "storage": storage, "workers.count": workers,
+    for dotted, value in {"search.trials": trials, "study": study, "storage": storage, "workers.count": _count(workers),
                           "workers.address": address, "search.timeout_s": timeout}.items():
         _set(data, dotted, value)
     cfg = validate(StudyConfig, data, str(config))
     _run(cfg, quiet)
+
+
+def _count(workers: str | None) -> int | str | None:
+    return int(workers) if workers is not None and workers.strip().isdigit() else workers
 
 
 def _run(cfg, quiet: bool) -> None:
@@ -203,7 +207,7 @@ def resume(
     study: str = typer.Option(..., help="Name of the study to continue."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     trials: Optional[int] = typer.Option(None, help="New total of finished trials (default: the study's own)."),
-    workers: Optional[int] = typer.Option(None, help="Evaluator actors."),
+    workers: Optional[str] = typer.Option(None, help="Evaluator actors, or auto."),
     address: Optional[str] = typer.Option(None, help="Join a Ray cluster: auto or HOST:PORT."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -212,7 +216,7 @@ def resume(
     from prunesearch.search.study import load_study_config
 
     cfg, _ = load_study_config(study, storage)
-    updates = {"search.trials": trials, "workers.count": workers, "workers.address": address}
+    updates = {"search.trials": trials, "workers.count": _count(workers), "workers.address": address}
     data = cfg.model_dump(mode="json")
     for dotted, value in updates.items():
         _set(data, dotted, value)

@@ -7,7 +7,7 @@ the search extends it. Unknown keys are errors, so a typo never silently falls b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -183,6 +183,15 @@ class SearchConfig(Strict):
         ["uniform", "owl"], description="enqueued first (nsga3: seeded into the first population; default wanda, ria, owl)")
     population: int = Field(50, ge=2, description="nsga3: individuals per generation")
     ref_partitions: int = Field(3, ge=1, description="nsga3: Das-Dennis partitions of the reference directions")
+    heartbeat_s: int = Field(10, ge=1, description="drivers record a heartbeat for their running trials this often")
+    grace_s: int = Field(60, ge=2, description="a running trial without a heartbeat for this long belongs to a dead "
+                                                "driver: it is failed and its parameters are run again")
+
+    @model_validator(mode="after")
+    def _grace_after_heartbeat(self) -> "SearchConfig":
+        if self.grace_s <= self.heartbeat_s:
+            raise ValueError(f"grace_s ({self.grace_s}) must exceed heartbeat_s ({self.heartbeat_s})")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -194,9 +203,11 @@ class SearchConfig(Strict):
 
 
 class WorkersConfig(Strict):
-    count: int = Field(1, ge=1, description="evaluator actors (each holds one model copy)")
+    count: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(1, description="evaluator actors (each holds one model copy); auto: one per "
+                                                        "GPU in the cluster when num_gpus > 0, else as many as its CPUs fit")
     num_cpus: float = Field(1, gt=0, description="Ray CPUs per actor")
     num_gpus: float = Field(0, ge=0, description="Ray GPUs per actor")
+    memory_gb: float | None = Field(None, gt=0, description="Ray memory reserved per actor (places actors by memory too)")
     threads: int | None = Field(None, ge=1, description="torch threads per actor (default: num_cpus)")
     address: str | None = Field(None, description="Ray cluster address (auto or HOST:PORT); null starts Ray in-process")
 
@@ -269,7 +280,7 @@ class StudyConfig(Strict):
         import json
 
         data = self.model_dump(mode="json", exclude={"storage": True, "study": True, "workers": True,
-                                                      "search": {"trials", "timeout_s", "patience"}})
+                                                      "search": {"trials", "timeout_s", "patience", "heartbeat_s", "grace_s"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def default_study_name(self) -> str:

@@ -30,7 +30,7 @@ def nsga3_config(tmp_path, name: str, trials: int = TRIALS, seed: int = 3) -> di
     cfg = study_config(tmp_path)
     cfg.update(study=name, objectives=["frobenius", "sparsity_deviation"],
                space={"name": "optishear", "min_sparsity": 0.3, "max_sparsity": 0.9, "split_attn_mlp": True},
-               search={"sampler": "nsga3", "population": POP, "trials": trials, "seed": seed})
+               search={"sampler": "nsga3", "population": POP, "trials": trials, "seed": seed, "heartbeat_s": 1, "grace_s": 3})
     return cfg
 
 

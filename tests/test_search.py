@@ -29,7 +29,7 @@ def study_config(tmp_path: Path, trials: int = 6, **overrides) -> dict:
         "reconstruction_samples": 4,
         "space": {"name": "blockwise", "min_sparsity": 0.3, "max_sparsity": 0.9},
         "objectives": ["frobenius"],
-        "search": {"trials": trials, "seed": 0, "n_startup_trials": 3},
+        "search": {"trials": trials, "seed": 0, "n_startup_trials": 3, "heartbeat_s": 1, "grace_s": 3},
         "storage": f"sqlite:///{tmp_path / 'studies.db'}",
         "study": "t",
         "workers": {"count": 1, "num_cpus": 1},

@@ -22,6 +22,7 @@ class FastMasker:
                  group: str = "row", nm: NM | None = None):
         self.linears, self.group, self.nm, self.stats = linears, group, nm, stats
         self.dense = {l.name: l.weight.clone() for l in linears}
+        self._zero = torch.zeros((), dtype=linears[0].weight.dtype, device=linears[0].weight.device) if linears else None
         self.ranks = {}
         self.rerank(stats, metric)
 
@@ -42,15 +43,16 @@ class FastMasker:
         for lin in self.linears:
             W, dense = lin.weight, self.dense[lin.name]
             k = count_pruned(sparsity[lin.name], tuple(W.shape), self.group, self.nm)
-            W.copy_(dense)
-            if k > 0:
-                if ranked:
-                    mask = self.ranks[lin.name] < k
-                else:
-                    scores = metrics.score(metric, dense, self.stats.get(lin.name) if self.stats else None)
-                    mask = prune_mask(scores, sparsity[lin.name], self.group, self.nm)
-                W.masked_fill_(mask, 0)
-                masked += self._count(k, W.shape)
+            if k <= 0:
+                W.copy_(dense)
+                continue
+            if ranked:
+                mask = self.ranks[lin.name] < k
+            else:
+                scores = metrics.score(metric, dense, self.stats.get(lin.name) if self.stats else None)
+                mask = prune_mask(scores, sparsity[lin.name], self.group, self.nm)
+            torch.where(mask, self._zero, dense, out=W)  # one pass; copy_ + masked_fill_ is 20x slower on CPU
+            masked += self._count(k, W.shape)
         return masked
 
     def _count(self, k: int, shape: torch.Size) -> int:

@@ -2,8 +2,10 @@
 
 Several trials are in flight at once (one per actor); TPE sees the running ones through the
 constant liar. Every finished trial is told at once, so a crash loses at most the trials that
-were running: those are left RUNNING (a kill) or FAIL (Ctrl-C), and ``resume`` fails the stale
-ones and re-enqueues their parameters, finishing with exactly the requested number of trials.
+were running: a dead driver's trials go stale (no heartbeat) and are failed and re-enqueued by
+whichever driver sees them first; Ctrl-C fails and re-enqueues them on the spot. The target
+counts the trials of every driver on the study, so a study ends with exactly the requested
+number of finished trials, however many drivers and crashes it took.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from tqdm.auto import tqdm
 
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
-from prunesearch.search.study import create_or_check
 from prunesearch.pruning.masks import parse_structure
+from prunesearch.search.dispatch import Dispatcher, fail_stale, requeue
+from prunesearch.search.storage import claim_sqlite, open_storage
+from prunesearch.search.study import create_or_check
 from prunesearch.spaces import ModelLayout, make_space
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-RETRY_ATTR = "retry_of"
 
 
 @dataclass
@@ -46,30 +49,8 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def requeue_stale(study: optuna.Study) -> int:
-    """Fail trials left RUNNING by a crash (and trials interrupted by Ctrl-C) and enqueue their
-    parameters again, once each, so the study re-runs exactly what it lost."""
-    retried = {t.user_attrs.get(RETRY_ATTR) for t in study.get_trials(deepcopy=False)}
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
-        if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
-            continue  # a real failure is not retried forever
-        if t.state == TrialState.RUNNING:
-            study.tell(t.number, state=TrialState.FAIL)
-        if t.number not in retried and t.params:
-            study.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number}, skip_if_exists=False)
-            n += 1
-    # WAITING trials enqueued by a crashed driver stay WAITING and are simply asked next
-    return n
-
-
-def fail_stale(study: optuna.Study) -> int:
-    """Mark trials left RUNNING by a crash as failed (and interrupted: not the individual's fault)."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in stale:
-        optuna.Trial(study, t._trial_id).set_user_attr("interrupted", True)
-        study.tell(t.number, state=TrialState.FAIL)
-    return len(stale)
+def count_running(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def make_study_space(cfg: StudyConfig, layout: ModelLayout):
@@ -99,6 +80,23 @@ def _best(study: optuna.Study) -> list[float] | None:
         return None
 
 
+def _wait_for_other_drivers(study: optuna.Study, cfg: StudyConfig) -> None:
+    """An NSGA-III study takes one driver: wait for the trials of one that just died to go stale
+    (at most the grace period); trials that keep their heartbeat belong to a live driver."""
+    deadline = time.monotonic() + cfg.search.grace_s + 2 * cfg.search.heartbeat_s
+    running = count_running(study)
+    if running:
+        log.warning("study %s has %d running trial(s) of another driver: waiting up to %ds for them to go stale",
+                    study.study_name, running, cfg.search.grace_s)
+    while running:
+        if time.monotonic() > deadline:
+            raise UserError(f"study '{study.study_name}' is being run by another driver (its trials keep their "
+                            "heartbeat): an NSGA-III study takes one driver at a time")
+        time.sleep(1.0)
+        fail_stale(study, cfg.search.grace_s, None, set())
+        running = count_running(study)
+
+
 def run_study(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
     """Launch or continue ``cfg``'s study until it holds ``cfg.search.trials`` finished trials."""
     import ray
@@ -107,35 +105,39 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
 
     t0 = time.perf_counter()
     name = cfg.study or cfg.default_study_name()
-    study, created = create_or_check(cfg, name, cfg.storage)
     evolutionary = cfg.search.sampler == "nsga3"
+    # a dead driver's trials: re-run by TPE; NSGA-III's replay re-evaluates the missing individuals itself
+    on_stale = None if evolutionary else requeue
+    storage = open_storage(cfg.storage, heartbeat=(cfg.search.heartbeat_s, cfg.search.grace_s), on_stale=on_stale)
+    claim_sqlite(cfg.storage)
+    study, created = create_or_check(cfg, name, storage)
+    fail_stale(study, cfg.search.grace_s, on_stale, set())
     if evolutionary:
-        fail_stale(study)  # the replay re-evaluates what they held
-    else:
-        requeued = requeue_stale(study)
-        if requeued:
-            log.warning("re-enqueued %d trial(s) lost by an earlier crash or interrupt", requeued)
+        _wait_for_other_drivers(study, cfg)
     started_ray = start_ray(cfg.workers)
-    pool = None
+    pool = dispatcher = None
     stopped_by = "trials"
     try:
         pool = EvaluatorPool(cfg, cfg.storage, name)
+        dispatcher = Dispatcher(study, pool, cfg.search.heartbeat_s)
         layout = ModelLayout.from_dict(pool.layout)
         space = make_study_space(cfg, layout)
         if "model_info" not in study.user_attrs:
             study.set_user_attr("model_info", {k: pool.info[0][k] for k in ("block_class", "linear_names", "layout")})
         resolve = lambda alloc: ray.get(pool.actors[0].resolve.remote(alloc))  # noqa: E731
-        if evolutionary:
-            from prunesearch.search.nsga3 import evolve, seed_vectors
+        with _progress(study, cfg, progress) as (ctrl_c, bar):
+            if evolutionary:
+                from prunesearch.search.nsga3 import evolve, seed_vectors
 
-            seeds = seed_vectors(study, cfg, space, resolve)
-            with _progress(study, cfg, progress) as (ctrl_c, bar):
-                stopped_by = evolve(study, cfg, space, pool, seeds, t0, ctrl_c, bar)
-        else:
-            if "baselines_enqueued" not in study.user_attrs:
-                enqueue_baselines(study, cfg, space, resolve)
-            stopped_by = _optimize(study, cfg, space, pool, t0, progress)
+                seeds = seed_vectors(study, cfg, space, resolve)
+                stopped_by = evolve(study, cfg, space, dispatcher, seeds, t0, ctrl_c, bar)
+            else:
+                if "baselines_enqueued" not in study.user_attrs:
+                    enqueue_baselines(study, cfg, space, resolve)
+                stopped_by = _optimize(study, cfg, space, dispatcher, t0, ctrl_c, bar, on_stale)
     finally:
+        if dispatcher is not None:
+            dispatcher.close()
         if pool is not None:
             pool.shutdown()
         if started_ray:
@@ -177,85 +179,50 @@ def _progress(study: optuna.Study, cfg: StudyConfig, progress: bool):
         yield ctrl_c, bar
 
 
-def _optimize(study: optuna.Study, cfg: StudyConfig, space, pool, t0: float, progress: bool) -> str:
-    import ray
-
+def _optimize(study: optuna.Study, cfg: StudyConfig, space, dispatcher: Dispatcher, t0: float, ctrl_c, bar,
+              on_stale) -> str:
     target = cfg.search.trials
-    in_flight: dict = {}  # ObjectRef -> (trial, actor)
+    pool = dispatcher.pool
     best, since_best, failures_in_a_row = _best(study), 0, 0
-    max_failures = max(3, 2 * len(pool.actors))
-    stop = None
-    with _progress(study, cfg, progress) as (ctrl_c, bar):
-        while True:
-            if ctrl_c.is_set():
-                stop = "interrupt"
-                _abandon(study, in_flight)
-                log.warning("interrupted: finished trials are saved; `prunesearch resume` re-runs the interrupted ones")
-                break
-            finished = count_finished(study)
-            if stop is None:
-                if finished >= target:
-                    stop = "trials"
-                elif cfg.search.timeout_s and time.perf_counter() - t0 > cfg.search.timeout_s:
-                    stop = "timeout"
-                elif cfg.search.patience and since_best >= cfg.search.patience:
-                    stop = "patience"
-            while stop is None and pool.idle and finished + len(in_flight) < target:
-                trial = study.ask()
-                cand = space.suggest(trial)
-                actor = pool.idle.pop()
-                ref = actor.evaluate.remote(trial._trial_id, cand.to_dict())
-                in_flight[ref] = (trial, actor)
-            if not in_flight:
-                break
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-            for ref in done:
-                trial, actor = in_flight.pop(ref)
-                pool.idle.append(actor)
-                state, _ = _tell(study, trial, ref)
-                bar.update(1 if state in FINISHED else 0)
-                failures_in_a_row = failures_in_a_row + 1 if state == TrialState.FAIL else 0
-                if failures_in_a_row >= max_failures:
-                    error = study.trials[trial.number].user_attrs.get("error", "").strip().splitlines()
-                    raise UserError(f"{failures_in_a_row} trials failed in a row, stopping; the last said: "
-                                    f"{error[0] if error else 'nothing'} (finished trials are saved)")
-                new_best = _best(study)
-                if new_best is not None and new_best != best:
-                    best, since_best = new_best, 0
-                    bar.set_postfix(best=f"{best[0]:.5g}")
-                else:
-                    since_best += 1
-    return stop or "trials"
-
-
-def _abandon(study: optuna.Study, in_flight: dict) -> None:
-    """Cancel running evaluations; their trials are marked failed and interrupted (resume re-runs them)."""
-    import ray
-
-    for ref, (trial, _) in list(in_flight.items()):
-        ray.cancel(ref, force=True)
-        trial.set_user_attr("interrupted", True)
-        study.tell(trial, state=TrialState.FAIL)
-    in_flight.clear()
-
-
-def _tell(study: optuna.Study, trial: optuna.Trial, ref) -> tuple[TrialState, list[float] | None]:
-    import ray
-
-    try:
-        result = ray.get(ref)
-    except ray.exceptions.RayError as exc:
-        log.error("trial %d failed: %s", trial.number, str(exc).strip().splitlines()[0])
-        trial.set_user_attr("error", str(exc)[:2000])
-        study.tell(trial, state=TrialState.FAIL)
-        return TrialState.FAIL, None
-    trial.set_user_attr("ratios", result["ratios"])
-    trial.set_user_attr("achieved_sparsity", result["achieved"])
-    if result["pruned"]:
-        study.tell(trial, state=TrialState.PRUNED)
-        return TrialState.PRUNED, None
-    trial.set_user_attr("metric", result["metric"])
-    trial.set_user_attr("objectives", result["named"])
-    trial.set_user_attr("timings", result["timings"])
-    study.tell(trial, result["values"])
-    return TrialState.COMPLETE, result["values"]
+    max_failures = max(3, 2 * pool.count)
+    stop, last_stale_check = None, time.monotonic()
+    while True:
+        if ctrl_c.is_set():
+            for o in dispatcher.abandon():
+                requeue(study, o.trial)
+            log.warning("interrupted: finished trials are saved; `prunesearch resume` re-runs the interrupted ones")
+            return "interrupt"
+        if time.monotonic() - last_stale_check > cfg.search.heartbeat_s:
+            fail_stale(study, cfg.search.grace_s, on_stale, dispatcher.running_ids)
+            last_stale_check = time.monotonic()
+        finished, running = count_finished(study), count_running(study)  # every driver's trials
+        if stop is None:
+            if finished >= target:
+                stop = "trials"
+            elif cfg.search.timeout_s and time.perf_counter() - t0 > cfg.search.timeout_s:
+                stop = "timeout"
+            elif cfg.search.patience and since_best >= cfg.search.patience:
+                stop = "patience"
+        while stop is None and pool.idle and finished + running < target:
+            trial = study.ask()
+            dispatcher.submit(trial, space.suggest(trial).to_dict())
+            running += 1
+        if not dispatcher.in_flight and (stop is not None or finished >= target):
+            return stop or "trials"
+        # nothing of ours in flight but the study is not done: other drivers' (or stale) trials run
+        for o in dispatcher.wait(timeout=1.0):
+            bar.update(1 if o.state in ("complete", "pruned") else 0)
+            if o.state == "lost":
+                requeue(study, o.trial)  # not the candidate's fault: run it again
+                continue
+            failures_in_a_row = failures_in_a_row + 1 if o.state == "failed" else 0
+            if failures_in_a_row >= max_failures:
+                error = study.trials[o.trial.number].user_attrs.get("error", "").strip().splitlines()
+                raise UserError(f"{failures_in_a_row} trials failed in a row, stopping; the last said: "
+                                f"{error[0] if error else 'nothing'} (finished trials are saved)")
+            new_best = _best(study)
+            if new_best is not None and new_best != best:
+                best, since_best = new_best, 0
+                bar.set_postfix(best=f"{best[0]:.5g}")
+            else:
+                since_best += 1

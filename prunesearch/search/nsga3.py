@@ -111,7 +111,7 @@ def recorded(study: optuna.Study) -> dict[tuple[int, int], Recorded]:
         key = (a[GENERATION], a[INDIVIDUAL])
         if t.state == TrialState.COMPLETE:
             out[key] = Recorded(a[VECTOR], sign * np.array(t.values))
-        elif a.get(LAST_ATTEMPT) and not a.get("interrupted"):
+        elif a.get(LAST_ATTEMPT) and "error" in a:  # failed twice by its own error (not lost, killed or interrupted)
             out.setdefault(key, Recorded(a[VECTOR], np.full(len(sign), PENALTY)))
     return out
 
@@ -129,7 +129,7 @@ def seed_vectors(study: optuna.Study, cfg: StudyConfig, space, resolve) -> list[
     return [(name, list(v)) for name, v in study.user_attrs["seeds"]]
 
 
-def evolve(study: optuna.Study, cfg: StudyConfig, space, pool, seeds, t0: float, ctrl_c, bar) -> str:
+def evolve(study: optuna.Study, cfg: StudyConfig, space, dispatcher, seeds, t0: float, ctrl_c, bar) -> str:
     """Run (or replay, then continue) the generations until ``cfg.search.trials`` evaluations."""
     problem, algorithm = make_algorithm(cfg, space.bounds(), [v for _, v in seeds])
     seed_names = {tuple(v): name for name, v in seeds}
@@ -154,7 +154,7 @@ def evolve(study: optuna.Study, cfg: StudyConfig, space, pool, seeds, t0: float,
             F[i] = r.F
         if missing:
             names = seed_names if generation == 0 else {}
-            stop = _evaluate(study, cfg, space, pool, generation, X, missing, F, t0, ctrl_c, bar, names)
+            stop = _evaluate(study, cfg, space, dispatcher, generation, X, missing, F, t0, ctrl_c, bar, names)
             if stop:
                 return stop
         PymooEvaluator().eval(StaticProblem(problem, F=F), pop)
@@ -164,19 +164,16 @@ def evolve(study: optuna.Study, cfg: StudyConfig, space, pool, seeds, t0: float,
     return "trials"
 
 
-def _evaluate(study, cfg, space, pool, generation, X, missing, F, t0, ctrl_c, bar, seed_names) -> str | None:
+def _evaluate(study, cfg, space, dispatcher, generation, X, missing, F, t0, ctrl_c, bar, seed_names) -> str | None:
     """Evaluate the missing individuals of one generation on the pool; fills F. Returns a stop reason."""
-    import ray
-
-    from prunesearch.search.driver import _abandon, _tell
-
     sampler: FixedParamsSampler = study.sampler
-    queue, in_flight, attempts = deque(missing), {}, {i: 0 for i in missing}
-    failures_in_a_row, max_failures = 0, max(3, 2 * len(pool.actors))
+    pool = dispatcher.pool
+    queue, attempts = deque(missing), {i: 0 for i in missing}
+    failures_in_a_row, max_failures = 0, max(3, 2 * pool.count)
     timed_out = False
-    while queue or in_flight:
+    while queue or dispatcher.in_flight:
         if ctrl_c.is_set():
-            _abandon(study, in_flight)
+            dispatcher.abandon()
             log.warning("interrupted: finished individuals are saved; `prunesearch resume` completes the generation")
             return "interrupt"
         if cfg.search.timeout_s and time.perf_counter() - t0 > cfg.search.timeout_s:
@@ -192,27 +189,25 @@ def _evaluate(study, cfg, space, pool, generation, X, missing, F, t0, ctrl_c, ba
                 trial.set_user_attr(LAST_ATTEMPT, True)
             if tuple(X[i]) in seed_names:
                 trial.set_user_attr("baseline", seed_names[tuple(X[i])])
-            actor = pool.idle.pop()
-            in_flight[actor.evaluate.remote(trial._trial_id, cand.to_dict())] = (trial, actor, i)
-        if not in_flight:
+            dispatcher.submit(trial, cand.to_dict(), tag=i)
+        if timed_out and not dispatcher.in_flight:
             break
-        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-        for ref in done:
-            trial, actor, i = in_flight.pop(ref)
-            pool.idle.append(actor)
-            state, values = _tell(study, trial, ref)
-            if state == TrialState.COMPLETE:
-                F[i] = [v if d == StudyDirection.MINIMIZE else -v for v, d in zip(values, study.directions)]
+        for o in dispatcher.wait(timeout=1.0):
+            i = o.tag
+            if o.state == "complete":
+                F[i] = [v if d == StudyDirection.MINIMIZE else -v for v, d in zip(o.values, study.directions)]
                 failures_in_a_row = 0
                 bar.update(1)
-                continue
-            failures_in_a_row += 1
-            if failures_in_a_row >= max_failures:
-                raise UserError(f"{failures_in_a_row} evaluations failed in a row, stopping (finished ones are saved)")
-            attempts[i] += 1
-            if attempts[i] < 2:
-                queue.appendleft(i)  # once more; a second failure scores it as the worst possible
+            elif o.state == "lost":
+                queue.appendleft(i)  # its worker died: run it again, not an attempt of its own
             else:
-                F[i] = PENALTY
-                bar.update(1)
+                failures_in_a_row += 1
+                if failures_in_a_row >= max_failures:
+                    raise UserError(f"{failures_in_a_row} evaluations failed in a row, stopping (finished ones are saved)")
+                attempts[i] += 1
+                if attempts[i] < 2:
+                    queue.appendleft(i)  # once more; a second failure scores it as the worst possible
+                else:
+                    F[i] = PENALTY
+                    bar.update(1)
     return "timeout" if timed_out else None

@@ -3,12 +3,19 @@
 SQLite (one file, the default) runs in WAL mode with a generous busy timeout so that the
 driver and its workers write concurrently without "database is locked"; PostgreSQL is what a
 cluster needs. Only the driver creates the schema: several processes creating it at once fail.
+
+Passwords never appear in a URL: a server URL names user, host and database, and the password
+comes from $PRUNESEARCH_DB_PASSWORD or the file named by $PRUNESEARCH_DB_PASSWORD_FILE (a
+mounted secret). So no config, study record, log line or process list ever holds it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
+import warnings
 from pathlib import Path
 
 import optuna
@@ -28,6 +35,44 @@ def mask_url(url: str) -> str:
         return "<unparsable storage URL>"
 
 
+PASSWORD_ENV, PASSWORD_FILE_ENV = "PRUNESEARCH_DB_PASSWORD", "PRUNESEARCH_DB_PASSWORD_FILE"
+_driver_locks: dict[str, int] = {}  # SQLite files this process drives, with their lock fds
+
+
+def _with_password(url: sqlalchemy.URL) -> sqlalchemy.URL:
+    """Refuse a password written in the URL; fill it in from the environment or a secret file."""
+    if url.password is not None:
+        raise UserError(f"storage {url.render_as_string(hide_password=True)}: do not write the password in the URL; "
+                        f"set {PASSWORD_ENV} or {PASSWORD_FILE_ENV} (a file holding it) instead")
+    if url.get_backend_name() == "sqlite":
+        return url
+    password = os.environ.get(PASSWORD_ENV)
+    if password is None and os.environ.get(PASSWORD_FILE_ENV):
+        path = Path(os.environ[PASSWORD_FILE_ENV])
+        try:
+            password = path.read_text().strip()
+        except OSError as exc:
+            raise UserError(f"cannot read the database password file {path} ({PASSWORD_FILE_ENV}): {exc.strerror}") from None
+    return url.set(password=password) if password else url
+
+
+def claim_sqlite(url: str) -> None:
+    """Say clearly when a second driver works on the same SQLite file: it works, but SQLite
+    serialises every write, so several drivers (or a cluster) belong on PostgreSQL."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database in _driver_locks:
+        return
+    fd = os.open(f"{parsed.database}.driver-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("the SQLite study file %s is in use by another prunesearch driver: SQLite serialises their writes; "
+                    "for several drivers use PostgreSQL (storage: postgresql+psycopg://USER@HOST/DB)", parsed.database)
+        os.close(fd)
+        return
+    _driver_locks[parsed.database] = fd  # held (and released by the OS) for this process's life
+
+
 def _prepare_sqlite(url: sqlalchemy.URL) -> None:
     db = url.database
     if not db or db == ":memory:":
@@ -39,18 +84,32 @@ def _prepare_sqlite(url: sqlalchemy.URL) -> None:
         conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file: concurrent readers and one writer
 
 
-def open_storage(url: str, *, create: bool = True) -> optuna.storages.RDBStorage:
-    """Open (and by default create) the study database; unreachable or malformed URLs are UserErrors."""
+def open_storage(url: str, *, create: bool = True, heartbeat: tuple[int, int] | None = None,
+                 on_stale=None) -> optuna.storages.RDBStorage:
+    """Open (and by default create) the study database; unreachable or malformed URLs are UserErrors.
+
+    ``heartbeat`` = (interval, grace period) in seconds turns on trial heartbeats: a RUNNING trial
+    whose heartbeat is older than the grace period belongs to a dead driver, and
+    ``optuna.storages.fail_stale_trials`` fails it (exactly once across processes) and calls
+    ``on_stale(study, trial)``.
+    """
     try:
         parsed = make_url(url)
     except Exception:
         raise UserError(f"storage '{mask_url(url)}' is not a database URL (e.g. sqlite:///studies.db or postgresql+psycopg://user@host/db)") from None
+    parsed = _with_password(parsed)
     engine_kwargs: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         _prepare_sqlite(parsed)
         engine_kwargs["connect_args"] = {"timeout": 60}
+    hb = {}
+    if heartbeat is not None:
+        hb = {"heartbeat_interval": heartbeat[0], "grace_period": heartbeat[1], "heartbeat_stale_trial_callback": on_stale}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs,
+                                              skip_table_creation=not create, **hb)
     except ImportError:
         raise UserError(f"no database driver for '{parsed.drivername}' is installed") from None
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:

@@ -41,9 +41,11 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def create_or_check(cfg: StudyConfig, name: str, storage_url: str) -> tuple[optuna.Study, bool]:
+def create_or_check(cfg: StudyConfig, name: str, storage: str | optuna.storages.RDBStorage) -> tuple[optuna.Study, bool]:
     """Create the study (returns created=True), or reopen it if its config is the same."""
-    storage = open_storage(storage_url)
+    storage_url = cfg.storage
+    if isinstance(storage, str):
+        storage_url, storage = storage, open_storage(storage)
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     if name in existing:
         study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg))

@@ -14,10 +14,10 @@ log = logging.getLogger(__name__)
 
 
 class EvaluatorActor:
-    def __init__(self, cfg: dict, storage_url: str, study_name: str, threads: int | None = None):
+    def __init__(self, cfg: dict, storage_url: str, study_name: str, threads: int | None = None, dense: dict | None = None):
         from prunesearch.workers.evaluator import Evaluator
 
-        self.evaluator = Evaluator(cfg, threads=threads)
+        self.evaluator = Evaluator(cfg, threads=threads, dense=dense)
         self.storage_url, self.study_name = storage_url, study_name
         self._study = None
 
@@ -28,25 +28,34 @@ class EvaluatorActor:
         return {"pid": os.getpid(), "startup_s": ev.startup_s, "device": str(ev.device), "layout": ev.layout.to_dict(),
                 "block_class": type(decoder_blocks(ev.model)[0]).__name__, "linear_names": [l.name for l in ev.linears]}
 
+    def dense_side(self) -> dict:
+        """Calibration statistics and dense reference, for the other actors (via the object store)."""
+        return self.evaluator.dense_payload()
+
     def resolve(self, allocation: dict) -> list[float]:
         return self.evaluator.resolve(allocation)
 
     def _open_study(self):
+        """The study, for intermediate values; None (with a warning) where the database cannot be reached."""
         if self._study is None:
             import optuna
 
             from prunesearch.search.storage import open_storage
             from prunesearch.search.study import make_pruner
 
-            self._study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url, create=False),
-                                            pruner=make_pruner(self.evaluator.cfg))
-        return self._study
+            try:
+                self._study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url, create=False),
+                                                pruner=make_pruner(self.evaluator.cfg))
+            except Exception as exc:  # e.g. no database password on this node: evaluate, just never stop early
+                log.warning("cannot open the study database from this worker (%s): trials run without early stopping", exc)
+                self._study = False
+        return self._study or None
 
     def evaluate(self, trial_id: int | None, candidate: dict) -> dict:
         on_batch = None
         from prunesearch.search.study import prunes
 
-        if trial_id is not None and prunes(self.evaluator.cfg):
+        if trial_id is not None and prunes(self.evaluator.cfg) and self._open_study() is not None:
             import optuna
 
             trial = optuna.Trial(self._open_study(), trial_id)

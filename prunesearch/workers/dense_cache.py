@@ -29,14 +29,15 @@ def _path(key: str) -> Path:
     return cache_dir("dense") / f"{key}.pt"
 
 
-def load_dense(key: str, device: torch.device) -> tuple[dict[str, ColumnStats], DenseReference] | None:
-    path = _path(key)
-    if not path.exists():
-        return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a torn or foreign file: recompute rather than fail
-        return None
+def to_blob(stats: dict[str, ColumnStats], ref: DenseReference) -> dict:
+    """Plain CPU tensors: what the disk cache and Ray's object store carry."""
+    return {
+        "stats": {n: {"n_tokens": s.n_tokens, "n_seqs": s.n_seqs, "mean": s.mean.cpu(), "m2": s.m2.cpu()} for n, s in stats.items()},
+        "ref": {"ids": ref.ids.cpu(), "hidden": ref.hidden.cpu(), "gram": ref.gram.cpu(), "batch_size": ref.batch_size},
+    }
+
+
+def from_blob(blob: dict, device: torch.device) -> tuple[dict[str, ColumnStats], DenseReference]:
     stats = {}
     for name, s in blob["stats"].items():
         st = ColumnStats(s["mean"].numel(), device)
@@ -47,12 +48,19 @@ def load_dense(key: str, device: torch.device) -> tuple[dict[str, ColumnStats], 
     return stats, DenseReference(r["ids"], r["hidden"], r["gram"], int(r["batch_size"]))
 
 
+def load_dense(key: str, device: torch.device) -> tuple[dict[str, ColumnStats], DenseReference] | None:
+    path = _path(key)
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a torn or foreign file: recompute rather than fail
+        return None
+    return from_blob(blob, device)
+
+
 def save_dense(key: str, stats: dict[str, ColumnStats], ref: DenseReference) -> None:
-    blob = {
-        "stats": {n: {"n_tokens": s.n_tokens, "n_seqs": s.n_seqs, "mean": s.mean.cpu(), "m2": s.m2.cpu()} for n, s in stats.items()},
-        "ref": {"ids": ref.ids, "hidden": ref.hidden, "gram": ref.gram, "batch_size": ref.batch_size},
-    }
     path = _path(key)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(blob, tmp)
+    torch.save(to_blob(stats, ref), tmp)
     os.replace(tmp, path)  # atomic: concurrent workers never read half a file

@@ -29,13 +29,14 @@ from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.masks import parse_structure
 from prunesearch.spaces import Candidate, ModelLayout, unit_of
 from prunesearch.spaces.spaces import SearchSpace
-from prunesearch.workers.dense_cache import dense_key, load_dense, save_dense
+from prunesearch.workers.dense_cache import dense_key, from_blob, load_dense, save_dense, to_blob
 
 OnBatch = Callable[[int, float], bool]
 
 
 class Evaluator:
-    def __init__(self, cfg: StudyConfig | dict, threads: int | None = None):
+    def __init__(self, cfg: StudyConfig | dict, threads: int | None = None, dense: dict | None = None):
+        """``dense``: another evaluator's ``dense_payload()``, used when it is for the same model and text."""
         t0 = time.perf_counter()
         self.cfg = cfg if isinstance(cfg, StudyConfig) else StudyConfig.model_validate(cfg)
         if threads:
@@ -49,19 +50,23 @@ class Evaluator:
         self.layout = ModelLayout.of(self.linears)
         calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation)
         self.held_out = held_out if "perplexity" in self.cfg.objectives else None
-        self.stats, self.ref = self._dense_side(calib)
+        self.stats, self.ref = self._dense_side(calib, dense)
         p = self.cfg.pruning
         self.spec = PruneSpec(p.metric, p.sparsity, "uniform", p.structure, p.group, "one_shot")
         self.nm = parse_structure(p.structure)
         self.masker = FastMasker(self.linears, self.stats, p.metric, resolve_group(self.spec), self.nm)
         self.startup_s = time.perf_counter() - t0
 
-    def _dense_side(self, calib: torch.Tensor):
+    def _dense_side(self, calib: torch.Tensor, shared: dict | None):
         c = self.cfg
-        key = dense_key(model=self.lm.source, spec=c.model.name, dtype=c.model.dtype, device=self.device.type,
+        self.dense_key = key = dense_key(model=self.lm.source, spec=c.model.name, dtype=c.model.dtype, device=self.device.type,
                         max_layers=c.model.max_layers, calibration=c.calibration.model_dump(),
                         recon=c.reconstruction_samples,
                         tokens=hashlib.sha256(calib.numpy().tobytes()).hexdigest())  # the text itself, not its name
+        if shared is not None and shared.get("key") == key:
+            stats, ref = from_blob(shared["blob"], self.device)
+            save_dense(key, stats, ref)  # this node's cache, for its next start
+            return stats, ref
         cached = load_dense(key, self.device)
         if cached is not None:
             return cached
@@ -69,6 +74,9 @@ class Evaluator:
         ref = DenseReference.compute(self.model, calib[: c.reconstruction_samples], c.calibration.batch_size)
         save_dense(key, stats, ref)
         return stats, ref
+
+    def dense_payload(self) -> dict:
+        return {"key": self.dense_key, "blob": to_blob(self.stats, self.ref)}
 
     # ------------------------------------------------------------------ candidates -> masks
     def resolve(self, allocation: dict) -> list[float]:

@@ -1,9 +1,20 @@
-"""A pool of evaluator actors on Ray: in-process on a laptop, the same code on a cluster."""
+"""A pool of evaluator actors on Ray: in-process on a laptop, the same code on a cluster.
+
+Actors place themselves by the resources the config asks for (CPUs, GPUs, memory). The first
+actor computes (or loads from its disk cache) the calibration statistics and the dense
+reference; the others receive them through Ray's object store instead of recomputing them, so a
+node without the shared cache path starts as fast as one with it.
+
+Ray does not restart actors here: an actor that dies (its process killed, its node gone) fails
+its running task at once, the driver re-runs that trial elsewhere, and the pool starts a
+replacement that Ray places wherever resources are free, possibly on a node that joins later.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 from prunesearch.config import StudyConfig, WorkersConfig
 from prunesearch.errors import UserError
@@ -23,11 +34,34 @@ def start_ray(workers: WorkersConfig) -> bool:
         if workers.address:
             ray.init(address=workers.address, **kwargs)
         else:
-            need = workers.count * workers.num_cpus
+            count = 1 if workers.count == "auto" else workers.count
+            need = count * workers.num_cpus
             ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), num_gpus=None, **kwargs)
     except ConnectionError as exc:
         raise UserError(f"cannot join the Ray cluster at {workers.address}: {exc}") from None
     return True
+
+
+def actor_count(w: WorkersConfig) -> int:
+    """``count``, or for auto: one actor per GPU when actors take GPUs, else as many as the CPUs fit."""
+    if w.count != "auto":
+        return w.count
+    import ray
+
+    res = ray.cluster_resources()
+    if w.num_gpus > 0:
+        n = int(res.get("GPU", 0) // w.num_gpus)
+        if n == 0:
+            raise UserError("workers.count auto with num_gpus > 0, but the Ray cluster has no GPU")
+        return n
+    return max(1, int(res.get("CPU", 1) // w.num_cpus))
+
+
+def _user_error_of(exc: Exception) -> UserError | None:
+    import ray
+
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else (exc.__cause__ or exc)
+    return cause if isinstance(cause, UserError) else None
 
 
 class EvaluatorPool:
@@ -39,31 +73,112 @@ class EvaluatorPool:
         from prunesearch.workers.actor import EvaluatorActor
 
         w = cfg.workers
-        remote = ray.remote(max_restarts=2, max_task_retries=2)(EvaluatorActor)
-        options = {"num_cpus": w.num_cpus, "num_gpus": w.num_gpus}
-        threads = w.threads or max(1, int(w.num_cpus))
-        cfg_dict = cfg.model_dump(mode="json")
-        self.actors = [remote.options(**options).remote(cfg_dict, storage_url, study_name, threads) for _ in range(w.count)]
-        try:
-            self.info = ray.get([a.ready.remote() for a in self.actors])
-        except ray.exceptions.RayActorError as exc:
-            cause = exc.__cause__ or exc
-            if isinstance(cause, UserError):
-                raise cause from None
-            raise
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, UserError):
-                raise exc.cause from None
-            raise
+        self._remote = ray.remote(max_restarts=0, max_task_retries=0)(EvaluatorActor)
+        self._options = {"num_cpus": w.num_cpus, "num_gpus": w.num_gpus}
+        if w.memory_gb:
+            self._options["memory"] = int(w.memory_gb * 2**30)
+        self._args = (cfg.model_dump(mode="json"), storage_url, study_name, w.threads or max(1, int(w.num_cpus)))
+        self.count = actor_count(w)
+        self.replaced, self.max_replacements = 0, 3 * self.count
+        first = self._remote.options(**self._options).remote(*self._args)
+        self.info = [self._ready(first)]
+        self.dense = first.dense_side.remote()  # an ObjectRef: the others get the values, not a recomputation
+        self.actors = [first]
+        self.starting: dict = {}  # ready() ObjectRef -> actor not yet ready
+        for _ in range(self.count - 1):
+            self._start()
+        for ref, actor in list(self.starting.items()):
+            self.info.append(self._ready(actor, ref))
+            self.actors.append(actor)
+        self.starting.clear()
         self.idle = list(self.actors)
+        self._waiting_since: float | None = None
+
+    def _start(self) -> None:
+        actor = self._remote.options(**self._options).remote(*self._args, dense=getattr(self, "dense", None))
+        self.starting[actor.ready.remote()] = actor
+
+    def _ready(self, actor, ref=None) -> dict:
+        import ray
+
+        try:
+            return ray.get(ref if ref is not None else actor.ready.remote())
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            err = _user_error_of(exc)
+            if err is not None:
+                raise err from None
+            raise
 
     @property
     def layout(self) -> dict:
         return self.info[0]["layout"]
 
+    @property
+    def alive(self) -> int:
+        return len(self.actors)
+
+    def lost(self, actor) -> None:
+        """An actor died (its process or its node): drop it and start a replacement."""
+        import ray
+
+        if actor in self.actors:
+            self.actors.remove(actor)
+        if actor in self.idle:
+            self.idle.remove(actor)
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.replaced += 1
+        if self.replaced > self.max_replacements:
+            raise UserError(f"{self.replaced} evaluator actors died (more than 3 per configured actor): stopping; "
+                            "the finished trials are saved (check the workers' memory and the Ray cluster)")
+        log.warning("an evaluator actor died; starting a replacement (%d so far)", self.replaced)
+        self._start()
+
+    def poll(self) -> None:
+        """Move replacements that became ready into the pool; report when none can be placed."""
+        import ray
+
+        if not self.starting:
+            self._waiting_since = None
+            return
+        ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+        for ref in ready:
+            actor = self.starting.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                err = _user_error_of(exc)
+                if err is not None:
+                    raise err from None
+                self.lost(actor)
+                continue
+            self.actors.append(actor)
+            self.idle.append(actor)
+        if self.starting and not self.actors:
+            self._waiting_since = self._waiting_since or time.monotonic()
+            if time.monotonic() - self._waiting_since > 60:
+                log.warning("no evaluator is alive and %d wait for Ray resources (num_cpus %s, num_gpus %s)",
+                            len(self.starting), self._options["num_cpus"], self._options["num_gpus"])
+                self._waiting_since = time.monotonic()
+
     def shutdown(self) -> None:
         import ray
 
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
-        self.actors, self.idle = [], []
+        for a in [*self.actors, *self.starting.values()]:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.actors, self.idle, self.starting = [], [], {}
+
+
+def is_worker_lost(exc: Exception) -> bool:
+    """The actor or its node died: not the candidate's fault, so its trial is run again."""
+    import ray
+
+    return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                            ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError,
+                            ray.exceptions.ObjectLostError)) and not isinstance(exc, ray.exceptions.RayTaskError)
+
