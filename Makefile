@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean postgres
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ demo: $(STAMP)
 	$(VENV)/bin/prunesearch status --study demo --limit 8
 	$(VENV)/bin/prunesearch export --study demo --out out/demo-best.yaml --apply out/demo-best --overwrite
 
-test: $(STAMP)
+# the cluster tests run a real PostgreSQL server on loopback: Debian's binaries (installed if missing)
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)
+
+test: $(STAMP) postgres
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -89,3 +89,66 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         sys.argv = old
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# ---------------------------------------------------------------- a throw-away PostgreSQL server
+
+PG_PASSWORD = "ps-test-secret-7f3a"  # password auth, so the tests cover the env path; never in a URL
+
+
+def _pg_bin(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on loopback (Debian's binaries; `make test` installs them where
+    missing), password-protected, with a throw-away data directory; stopped by its own pg_ctl.
+    Yields a URL without the password: PRUNESEARCH_DB_PASSWORD carries it, as on a cluster."""
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.fail("PostgreSQL server binaries not found: `make test` installs Debian's postgresql package")
+    root = Path(tempfile.mkdtemp(prefix="prunesearch-pg-"))  # pytest's own tmp is private to root: postgres needs a way in
+    data, pwfile = root / "data", root / "pw"
+    pwfile.write_text(PG_PASSWORD)
+    user = "postgres"
+    pw = pwd.getpwnam(user)
+    os.chown(root, pw.pw_uid, pw.pw_gid)
+    os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+    as_pg = ["runuser", "-u", user, "--"] if os.geteuid() == 0 else []
+    subprocess.run([*as_pg, initdb, "-D", str(data), "-U", user, "--auth=scram-sha-256", f"--pwfile={pwfile}"],
+                   check=True, capture_output=True)
+    port = _free_port()
+    subprocess.run([*as_pg, pg_ctl, "-w", "-D", str(data), "-l", str(root / "log"), "start",
+                    "-o", f"-p {port} -c listen_addresses=127.0.0.1 -k {root}"], check=True, capture_output=True)
+    os.environ["PRUNESEARCH_DB_PASSWORD"] = PG_PASSWORD
+    try:
+        import sqlalchemy
+
+        admin = sqlalchemy.create_engine(sqlalchemy.URL.create("postgresql+psycopg", user, PG_PASSWORD, "127.0.0.1", port, "postgres"),
+                                         isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text("CREATE DATABASE prunesearch"))
+        admin.dispose()
+        yield f"postgresql+psycopg://{user}@127.0.0.1:{port}/prunesearch"
+    finally:
+        subprocess.run([*as_pg, pg_ctl, "-D", str(data), "stop", "-m", "fast"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

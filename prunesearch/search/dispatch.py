@@ -14,6 +14,8 @@ the driver re-runs the trial).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import warnings
@@ -26,6 +28,7 @@ from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
 RETRY_ATTR = "retry_of"
+DRIVER = f"{socket.gethostname()}:{os.getpid()}"
 # this driver beats for its ask/tell trials itself, which Optuna (expecting optimize()) warns about
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used", category=UserWarning)
 
@@ -119,6 +122,7 @@ class Dispatcher:
 
     def submit(self, trial: optuna.Trial, candidate: dict, tag: Any = None) -> None:
         actor = self.pool.idle.pop()
+        trial.set_user_attr("driver", DRIVER)
         self.beats.add(trial._trial_id)
         self.in_flight[actor.evaluate.remote(trial._trial_id, candidate)] = (trial, actor, tag)
 
@@ -176,6 +180,7 @@ class Dispatcher:
             trial.set_user_attr("worker_lost" if lost else "error", str(exc)[:2000] if not lost else True)
             study.tell(trial, state=TrialState.FAIL)
             return Outcome(trial, tag, "lost" if lost else "failed")
+        trial.set_user_attr("worker", result.get("worker"))
         trial.set_user_attr("ratios", result["ratios"])
         trial.set_user_attr("achieved_sparsity", result["achieved"])
         if result["pruned"]:

@@ -80,6 +80,19 @@ def _best(study: optuna.Study) -> list[float] | None:
         return None
 
 
+def _surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
+    """Two drivers may ask at the same moment: a trial that finds ``target`` live trials numbered
+    before it is not needed. It is failed as surplus (its parameters re-enqueued if it was a retry)."""
+    ahead = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *FINISHED)) if t.number < trial.number)
+    if ahead < target:
+        return False
+    trial.set_user_attr("surplus", True)
+    study.tell(trial, state=TrialState.FAIL)
+    if trial.params:  # a popped WAITING trial: keep its parameters queued for whoever needs them
+        study.enqueue_trial(trial.params, user_attrs=trial.user_attrs, skip_if_exists=False)
+    return True
+
+
 def _wait_for_other_drivers(study: optuna.Study, cfg: StudyConfig) -> None:
     """An NSGA-III study takes one driver: wait for the trials of one that just died to go stale
     (at most the grace period); trials that keep their heartbeat belong to a live driver."""
@@ -132,7 +145,8 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
                 seeds = seed_vectors(study, cfg, space, resolve)
                 stopped_by = evolve(study, cfg, space, dispatcher, seeds, t0, ctrl_c, bar)
             else:
-                if "baselines_enqueued" not in study.user_attrs:
+                # the creator enqueues them (a second driver joining must not); or a resume, if it died first
+                if created or ("baselines_enqueued" not in study.user_attrs and not study.get_trials(deepcopy=False)):
                     enqueue_baselines(study, cfg, space, resolve)
                 stopped_by = _optimize(study, cfg, space, dispatcher, t0, ctrl_c, bar, on_stale)
     finally:
@@ -205,8 +219,10 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, dispatcher: Dispatch
                 stop = "patience"
         while stop is None and pool.idle and finished + running < target:
             trial = study.ask()
-            dispatcher.submit(trial, space.suggest(trial).to_dict())
             running += 1
+            cand = space.suggest(trial)
+            if not _surplus(study, trial, target):
+                dispatcher.submit(trial, cand.to_dict())
         if not dispatcher.in_flight and (stop is not None or finished >= target):
             return stop or "trials"
         # nothing of ours in flight but the study is not done: other drivers' (or stale) trials run

@@ -6,6 +6,7 @@ a changed config is refused rather than silently mixed into the same study.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import optuna
@@ -47,14 +48,25 @@ def create_or_check(cfg: StudyConfig, name: str, storage: str | optuna.storages.
     if isinstance(storage, str):
         storage_url, storage = storage, open_storage(storage)
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    if name in existing:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+    if name not in existing:
+        try:
+            return _create(cfg, name, storage), True
+        except optuna.exceptions.DuplicatedStudyError:
+            pass  # another driver created it a moment ago: join it
+    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+    for _ in range(50):  # a driver that is creating it writes the config hash right after
         stored = study.user_attrs.get("config_hash")
-        if stored != cfg.study_hash():
-            raise UserError(f"study '{name}' in {mask_url(storage_url)} was launched with a different config "
-                            f"(hash {stored}, now {cfg.study_hash()}): choose a new --study name, or "
-                            f"`prunesearch resume --study {name}` to continue it as it was")
-        return study, False
+        if stored is not None:
+            break
+        time.sleep(0.2)
+    if stored != cfg.study_hash():
+        raise UserError(f"study '{name}' in {mask_url(storage_url)} was launched with a different config "
+                        f"(hash {stored}, now {cfg.study_hash()}): choose a new --study name, or "
+                        f"`prunesearch resume --study {name}` to continue it as it was")
+    return study, False
+
+
+def _create(cfg: StudyConfig, name: str, storage) -> optuna.Study:
     study = optuna.create_study(study_name=name, storage=storage, directions=directions(cfg.objectives),
                                 sampler=make_sampler(cfg), pruner=make_pruner(cfg))
     study.set_user_attr("config", cfg.model_dump(mode="json", exclude={"storage"}))
@@ -63,7 +75,7 @@ def create_or_check(cfg: StudyConfig, name: str, storage: str | optuna.storages.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(cfg.objectives)  # optuna-dashboard shows them
-    return study, True
+    return study
 
 
 def load_study_config(name: str, storage_url: str) -> tuple[StudyConfig, optuna.Study]:

@@ -25,7 +25,7 @@ class EvaluatorActor:
         from prunesearch.models.families import decoder_blocks
 
         ev = self.evaluator
-        return {"pid": os.getpid(), "startup_s": ev.startup_s, "device": str(ev.device), "layout": ev.layout.to_dict(),
+        return {"pid": os.getpid(), "worker": self.worker, "startup_s": ev.startup_s, "device": str(ev.device), "layout": ev.layout.to_dict(),
                 "block_class": type(decoder_blocks(ev.model)[0]).__name__, "linear_names": [l.name for l in ev.linears]}
 
     def dense_side(self) -> dict:
@@ -65,5 +65,12 @@ class EvaluatorActor:
                 return trial.should_prune()
 
         result = self.evaluator.evaluate(candidate, on_batch)
-        result["pid"] = os.getpid()
+        result["worker"] = self.worker
         return result
+
+    @property
+    def worker(self) -> str:
+        """node address:pid, recorded with every trial (where did it run?)"""
+        import ray
+
+        return f"{ray.util.get_node_ip_address()}:{os.getpid()}"

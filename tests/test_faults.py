@@ -1,0 +1,140 @@
+"""What clusters do to a search, done to it here: a driver SIGKILLed on PostgreSQL, two drivers
+sharing one PostgreSQL study, an evaluator process killed mid-study. Real PostgreSQL server on
+loopback (password from the environment), real Ray, the real model slice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import optuna
+import psutil
+import pytest
+from optuna.trial import TrialState
+
+from conftest import PG_PASSWORD, run_cli
+from test_search import study_config, write_config
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@pytest.fixture(scope="module")
+def ray_session(postgres_url):
+    """Started after the database fixture, so in-process workers inherit its password variable."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def load(cfg: dict) -> optuna.Study:
+    from prunesearch.search.storage import open_storage
+
+    return optuna.load_study(study_name=cfg["study"], storage=open_storage(cfg["storage"], create=False))
+
+
+def start_driver(path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "prunesearch", "launch", str(path), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def wait_finished(cfg: dict, proc: subprocess.Popen, n: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        try:
+            if len(load(cfg).get_trials(states=FINISHED)) >= n:
+                return
+        except Exception:  # the study may not exist yet
+            continue
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    raise AssertionError(f"fewer than {n} finished trials after {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop what the test started, by its own process group."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def assert_exact_and_retried(study: optuna.Study, target: int) -> None:
+    assert len(study.get_trials(states=FINISHED)) == target
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    retried = {t.user_attrs.get("retry_of") for t in study.trials}
+    lost = [t for t in study.get_trials(states=(TrialState.FAIL,)) if not t.user_attrs.get("surplus") and t.params]
+    assert all(t.number in retried for t in lost)  # every lost trial was run again
+
+
+def test_postgres_study_survives_a_killed_driver(tmp_path, capsys, postgres_url, ray_session):
+    cfg = study_config(tmp_path, trials=12, storage=postgres_url, study="pg-kill")
+    proc = start_driver(write_config(tmp_path, cfg))
+    try:
+        wait_finished(cfg, proc, 3)
+        os.killpg(proc.pid, signal.SIGKILL)  # driver and its Ray, mid-study
+        proc.wait(30)
+    finally:
+        stop(proc)
+    assert load(cfg).get_trials(states=(TrialState.RUNNING,))  # the dead driver's trials, still "running"
+    code, out, err = run_cli(["resume", "--study", "pg-kill", "--storage", postgres_url, "--quiet"], capsys)
+    assert code == 0, err
+    study = load(cfg)
+    assert_exact_and_retried(study, 12)
+    assert any(t.state == TrialState.FAIL for t in study.trials)  # the killed driver's were failed, then re-run
+
+    # the password lives only in the environment: not in the study, not in any output
+    code, out, err = run_cli(["status", "--storage", postgres_url], capsys)
+    assert code == 0 and "pg-kill" in out and PG_PASSWORD not in out + err
+    assert PG_PASSWORD not in json.dumps(study.user_attrs) + json.dumps([t.user_attrs for t in study.trials], default=str)
+    inline = postgres_url.replace("postgres@", f"postgres:{PG_PASSWORD}@")
+    code, out, err = run_cli(["status", "--storage", inline], capsys)
+    assert code == 2 and "do not write the password in the URL" in err and PG_PASSWORD not in out + err
+
+
+def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, capsys, postgres_url, ray_session):
+    cfg = study_config(tmp_path, trials=24, storage=postgres_url, study="pg-two")
+    path = write_config(tmp_path, cfg)
+    # one driver sets the study up (schema, config, baselines); then two run it at once
+    code, _, err = run_cli(["launch", str(path), "--trials", "2", "--quiet"], capsys)
+    assert code == 0, err
+    drivers = [start_driver(path), start_driver(path)]
+    try:
+        for proc in drivers:
+            assert proc.wait(300) == 0, proc.stderr.read().decode()[-2000:]
+    finally:
+        for proc in drivers:
+            stop(proc)
+    study = load(cfg)
+    assert_exact_and_retried(study, 24)
+    by_driver = Counter(t.user_attrs.get("driver") for t in study.get_trials(states=FINISHED))
+    assert len(by_driver) == 3, by_driver  # the set-up run and both drivers did work
+    params = [tuple(sorted(t.params.items())) for t in study.get_trials(states=FINISHED)]
+    assert len(params) == len(set(params))  # and none of it twice
+    assert [t.user_attrs.get("baseline") for t in study.trials].count("owl") == 1
+
+
+def test_a_killed_evaluator_is_replaced_and_its_trial_rerun(tmp_path):
+    cfg = study_config(tmp_path, trials=14, study="worker-kill")
+    proc = start_driver(write_config(tmp_path, cfg))
+    try:
+        wait_finished(cfg, proc, 2)
+        actors = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                  if "EvaluatorActor" in " ".join(p.cmdline())]
+        assert actors, "no evaluator actor process found"
+        actors[0].kill()  # SIGKILL, mid-trial or between trials
+        assert proc.wait(300) == 0, proc.stderr.read().decode()[-2000:]
+    finally:
+        stop(proc)
+    study = load(cfg)
+    assert_exact_and_retried(study, 14)
+    lost = [t for t in study.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("worker_lost")]
+    assert lost, "the killed actor's trial was not recorded as lost"
+    workers = {t.user_attrs["worker"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert len(workers) >= 2  # the replacement actor (another process) finished the study
