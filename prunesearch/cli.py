@@ -301,7 +301,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Pruning config YAML to write (an llm-compressor recipe goes beside it)."),
     pick: str = typer.Option("best", help="best; knee (the Pareto point nearest the ideal); 'within TOL' (best first objective "
                                           "among trials within TOL of the sparsity budget: what best means when the budget "
-                                          "deviation is an objective, TOL 0.005); or 'trial N'."),
+                                          "deviation is an objective, TOL 0.002); or 'trial N'."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     apply: Optional[Path] = typer.Option(None, "--apply", help="Also prune the model with it and save it to this directory."),
     overwrite: bool = typer.Option(False, help="Replace existing output files / --apply directory."),

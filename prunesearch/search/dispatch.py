@@ -92,7 +92,8 @@ def fail_stale(study: optuna.Study, grace_s: float, on_stale: Callable | None, m
     old = [t for t in running if t.datetime_start and (time.time() - t.datetime_start.timestamp()) > grace_s]
     if not old:
         return 0
-    with storage.engine.connect() as conn:  # Optuna's schema: trial_heartbeats(trial_id, heartbeat)
+    engine = getattr(storage, "_backend", storage).engine  # Optuna wraps RDBStorage in a cache
+    with engine.connect() as conn:  # Optuna's schema: trial_heartbeats(trial_id, heartbeat)
         beating = {row[0] for row in conn.execute(
             sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
                 sqlalchemy.bindparam("ids", expanding=True)), {"ids": [t._trial_id for t in old]})}

@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 import optuna
@@ -24,9 +25,9 @@ from tqdm.auto import tqdm
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.pruning.masks import parse_structure
-from prunesearch.search.dispatch import Dispatcher, fail_stale, requeue
+from prunesearch.search.dispatch import DRIVER, Dispatcher, fail_stale, requeue
 from prunesearch.search.storage import claim_sqlite, open_storage
-from prunesearch.search.study import create_or_check
+from prunesearch.search.study import create_or_check, make_sampler
 from prunesearch.spaces import ModelLayout, make_space
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
     storage = open_storage(cfg.storage, heartbeat=(cfg.search.heartbeat_s, cfg.search.grace_s), on_stale=on_stale)
     claim_sqlite(cfg.storage)
     study, created = create_or_check(cfg, name, storage)
+    if not created and not evolutionary:  # joining (or resuming): a seed of its own, never another driver's
+        study.sampler = make_sampler(cfg, salt=zlib.crc32(DRIVER.encode()))
     fail_stale(study, cfg.search.grace_s, on_stale, set())
     if evolutionary:
         _wait_for_other_drivers(study, cfg)

@@ -36,7 +36,7 @@ def knee(trials: list[FrozenTrial]) -> FrozenTrial:
     return min(trials, key=lambda t: (dist(t), t.number))
 
 
-BUDGET_TOLERANCE = 0.005  # what ``best`` accepts as "on budget" when the budget is an objective
+BUDGET_TOLERANCE = 0.002  # what ``best`` accepts as "on budget" when the budget is an objective
 
 
 def within(study: optuna.Study, complete: list[FrozenTrial], tol: float) -> FrozenTrial | None:
@@ -54,7 +54,7 @@ def pick_trial(study: optuna.Study, pick: str) -> FrozenTrial:
 
     ``best`` is the best trial of a single-objective study. With several objectives it is the
     knee of the Pareto front, except when one objective is the deviation from the sparsity
-    budget (NSGA-III studies): then it is the best first objective within 0.005 of the budget,
+    budget (NSGA-III studies): then it is the best first objective within 0.002 of the budget,
     since a "best" model that is less sparse than asked would not be a fair pick.
     """
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

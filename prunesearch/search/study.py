@@ -17,17 +17,20 @@ from prunesearch.objectives.registry import directions
 from prunesearch.search.storage import mask_url, open_storage
 
 
-def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: StudyConfig, salt: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler; ``salt`` varies the seed for a driver that joins a study others run
+    (two drivers with one seed would sample the same trials)."""
     s = cfg.search
+    seed = (s.seed + salt) % 2**32
     if s.sampler == "nsga3":
         from prunesearch.search.nsga3 import FixedParamsSampler
 
         return FixedParamsSampler()  # pymoo chooses the individuals; the trial records them
     if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, group=True, constant_liar=True,
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
                                           n_startup_trials=s.n_startup_trials)
 
 
