@@ -222,6 +222,9 @@ class StudyPruningConfig(Strict):
     @classmethod
     def _known_metric(cls, v: str) -> str:
         _as_value_error(lambda: METRICS.resolve(v))
+        if METRICS.resolve(v)[0].meta.get("solver"):
+            raise ValueError(f"{v.split(':')[0]} updates the weights, so a trial cannot be a mask over the dense ones: "
+                             "search with wanda, then `prunesearch prune --config` the export with metric sparsegpt")
         return v
 
     @model_validator(mode="after")

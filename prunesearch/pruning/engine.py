@@ -102,6 +102,12 @@ def check_spec(spec: PruneSpec, linears: list[PrunableLinear] | None = None) -> 
         raise UserError(f"unknown comparison group '{spec.group}': use auto, row or layer")
     if spec.batch_size < 1:
         raise UserError("batch_size must be at least 1")
+    if metrics.is_solver(spec.metric):
+        if spec.mode != "sequential":
+            raise UserError(f"{spec.metric.split(':')[0]} updates the weights block by block on pruned inputs: "
+                            "use mode sequential (one_shot would hold every layer's X^T X at once)")
+        if spec.bias_compensation:
+            raise UserError("bias compensation is STADE's: SparseGPT's own updates already compensate")
     nm = parse_structure(spec.structure)
     if nm is not None:
         units = spec.sparsity * nm.m
@@ -132,6 +138,12 @@ class _LayerPruner:
     @torch.no_grad()
     def __call__(self, lin: PrunableLinear, sparsity: float, stats: ColumnStats | None) -> float:
         W = lin.weight
+        entry, params = metrics.METRICS.resolve(self.spec.metric)
+        if entry.meta.get("solver"):
+            from prunesearch.pruning.sparsegpt import sparsegpt_prune
+
+            sparsegpt_prune(W, stats.xtx, sparsity, self.nm, **params)
+            return (W == 0).float().mean().item()
         mask = prune_mask(metrics.score(self.spec.metric, W, stats), sparsity, self.group, self.nm)
         if self.spec.bias_compensation:
             self._compensate(lin, mask, stats)
@@ -196,7 +208,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
             prune_block(b, dense_stats)
         stats_source = "dense model, one pass" if metric_stats else "none (weights only)"
     else:
-        _prune_sequential(model, blocks, calib_ids, spec.batch_size, metric_stats, prune_block, progress)
+        _prune_sequential(model, blocks, calib_ids, spec.batch_size, metric_stats, prune_block, progress,
+                          want_xtx=bool(metrics.METRICS.resolve(spec.metric)[0].meta.get("needs_xtx")))
         stats_source = "sequential: each block's inputs from the already pruned blocks" if metric_stats else "none (weights only)"
     timings["pruning"] = time.perf_counter() - t  # sequential mode: includes the block forwards
     timings["total"] = time.perf_counter() - t_start
@@ -204,7 +217,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
 
 
 @torch.no_grad()
-def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_block, progress) -> None:
+def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_block, progress, want_xtx=False) -> None:
     if not need_stats:
         for b in range(len(blocks)):
             prune_block(b, None)
@@ -212,7 +225,7 @@ def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_bl
     modules = decoder_blocks(model)
     inputs = capture_block_inputs(model, calib_ids, batch_size)
     for b in tqdm(range(len(blocks)), desc="pruning blocks", disable=not progress, leave=False):
-        with StatsCollector(blocks[b]) as collector:
+        with StatsCollector(blocks[b], want_xtx=want_xtx) as collector:  # X^T X: one block's layers at a time
             for inp in inputs:
                 inp.run(modules[b])
         prune_block(b, collector.stats)

@@ -41,6 +41,19 @@ def ria(W: torch.Tensor, stats: ColumnStats, *, a: float = 0.5) -> torch.Tensor:
     return relative * stats.wanda_norm.to(W.device).pow(a)
 
 
+@METRICS.register("sparsegpt", needs_stats=True, group="row", solver=True, needs_xtx=True)
+def sparsegpt(W: torch.Tensor, stats: ColumnStats, *, blocksize: int = 128, damp: float = 0.01) -> torch.Tensor:
+    """SparseGPT prunes by OBS updates (pruning/sparsegpt.py), not by a score; where a score is
+    needed (OWL's outlier counts) this is its diagonal-Hessian limit: w^2 / [H^-1]_jj with
+    H = diag(||x_j||^2) ranks like Wanda's |w| * ||x_j||."""
+    return wanda(W, stats)
+
+
+def is_solver(spec: str) -> bool:
+    """Metrics that update the remaining weights (SparseGPT) instead of only masking them."""
+    return bool(METRICS.resolve(spec)[0].meta.get("solver"))
+
+
 def metric_needs_stats(spec: str) -> bool:
     entry, _ = METRICS.resolve(spec)
     return entry.meta.get("needs_stats", True)

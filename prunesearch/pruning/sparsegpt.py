@@ -1,0 +1,70 @@
+"""SparseGPT: prune one layer by Optimal Brain Surgeon updates, block of columns by block.
+
+With H = X^T X (+ 1% of its mean diagonal as damping) and U the upper Cholesky factor of H^-1,
+columns are visited left to right in blocks of 128. In each block the mask is chosen by the OBS
+saliency w^2 / U_jj^2 (lowest go: per block across all rows for unstructured, per row and group
+of M for N:M); each pruned column's error (w - q) / U_jj is pushed onto the columns right of it,
+so the layer output changes as little as the remaining weights allow. Only this layer's H is
+held at a time: the engine runs it block by block (sequential mode), one decoder block's
+Hessians in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunesearch.pruning.masks import NM, lowest_k_along_last
+
+
+def _upper_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, damping raised until it factors."""
+    d = H.shape[0]
+    mean_diag = H.diagonal().mean().clamp_min(1e-8)
+    for factor in (damp, damp * 10, damp * 100, 1.0):
+        try:
+            L = torch.linalg.cholesky(H + factor * mean_diag * torch.eye(d, dtype=H.dtype, device=H.device))
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise RuntimeError("SparseGPT: the layer's X^T X is not positive definite even with heavy damping")
+
+
+@torch.no_grad()
+def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor, sparsity: float, nm: NM | None = None, *,
+                    blocksize: int = 128, damp: float = 0.01) -> torch.Tensor:
+    """Prune the (d_out, d_in) weight ``W`` in place; returns the boolean mask of pruned weights."""
+    d_out, d_in = W.shape
+    H = xtx.to(W.device, torch.float64).clone()
+    dead = H.diagonal() == 0  # inputs that were always zero: their weights are free to go
+    H[dead, dead] = 1.0
+    work = W.to(torch.float64).clone()
+    work[:, dead] = 0.0
+    U = _upper_inverse_cholesky(H, damp)
+    mask = torch.zeros(d_out, d_in, dtype=torch.bool, device=W.device)
+    for i1 in range(0, d_in, blocksize):
+        i2 = min(i1 + blocksize, d_in)
+        block, U1 = work[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        diag = U1.diagonal()
+        errors = torch.zeros_like(block)
+        if nm is None:
+            saliency = block.square() / diag.square()
+            k = int(sparsity * saliency.numel() + 1e-9)
+            mask1 = lowest_k_along_last(saliency.reshape(-1), k).reshape(saliency.shape)
+        else:
+            mask1 = torch.zeros_like(block, dtype=torch.bool)
+        for i in range(i2 - i1):
+            w = block[:, i]
+            if nm is not None and i % nm.m == 0:
+                group = block[:, i:i + nm.m].square() / diag[i:i + nm.m].square()
+                mask1[:, i:i + nm.m] = lowest_k_along_last(group, round(sparsity * nm.m))
+            q = torch.where(mask1[:, i], 0.0, w)
+            err = (w - q) / U1[i, i]
+            block[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            block[:, i] = q
+            errors[:, i] = err
+        work[:, i1:i2] = block
+        work[:, i2:] -= errors @ U[i1:i2, i2:]
+        mask[:, i1:i2] = mask1
+    work[mask] = 0.0
+    W.copy_(work.to(W.dtype))
+    return mask
