@@ -60,6 +60,8 @@ def prune(
     eval_samples: Optional[int] = typer.Option(None, help="Number of evaluation sequences (default 16)."),
     eval_seq_len: Optional[int] = typer.Option(None, help="Evaluation sequence length (default 512), recorded in the report."),
     seed: Optional[int] = typer.Option(None, help="Seed for choosing calibration sequences."),
+    calibration_select: Optional[str] = typer.Option(None, help="Choose the calibration sequences out of a 4x larger pool: "
+                                                                 "hard (far from their k-means centroid), easy (near) or random."),
     dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when present), cpu, cuda, cuda:N."),
     max_layers: Optional[int] = typer.Option(None, help="Keep only the first N decoder blocks (quick experiments)."),
@@ -82,6 +84,7 @@ def prune(
         "pruning.bias_compensation": bias_compensation,
         "calibration.source": calibration, "calibration.samples": calibration_samples,
         "calibration.seq_len": seq_len, "calibration.seed": seed, "calibration.batch_size": batch_size,
+        "calibration.select": calibration_select,
     }.items():
         _set(data, dotted, value)
     if structure and sparsity is None and ":" in structure and "sparsity" not in data.get("pruning", {}):

@@ -37,6 +37,10 @@ class DataConfig(Strict):
     seed: int = 0
     text_field: str = "text"
     batch_size: int = Field(8, ge=1)
+    select: Literal["none", "hard", "easy", "random"] = Field(
+        "none", description="choose the samples out of a larger pool by data-pruning difficulty (k-means distance "
+                            "of the dense model's mean hidden state): hard, easy, or random; none takes the first draw")
+    pool: int = Field(4, ge=1, description="with select: the pool holds samples x pool candidate sequences")
 
 
 class EvalConfig(DataConfig):

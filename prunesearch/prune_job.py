@@ -21,17 +21,39 @@ from prunesearch.pruning.engine import prune_model
 REPORT_NAME = "prune_report.json"
 
 
-def load_texts(tokenizer, calibration: DataConfig, evaluation: DataConfig | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_texts(tokenizer, calibration: DataConfig, evaluation: DataConfig | None,
+               model=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Calibration and evaluation sequences. Calibration always draws from its source's
     calibration partition and evaluation from the held-out one, so the two never share a
-    document, and the calibration set never depends on whether (or where) evaluation happens."""
-    calib = token_sequences(tokenizer, calibration.source, n_samples=calibration.samples, seq_len=calibration.seq_len,
-                            seed=calibration.seed, split="calibration", text_field=calibration.text_field)
+    document, and the calibration set never depends on whether (or where) evaluation happens.
+    With ``calibration.select`` the samples are chosen out of a larger pool (``model`` embeds
+    them for hard/easy)."""
+    return calibration_texts(tokenizer, calibration, model)[0], evaluation_texts(tokenizer, evaluation)
+
+
+def evaluation_texts(tokenizer, evaluation: DataConfig | None) -> torch.Tensor | None:
+    """Held-out sequences: contiguous windows of the source's evaluation partition."""
     if evaluation is None:
-        return calib, None
-    held_out = token_sequences(tokenizer, evaluation.source, n_samples=evaluation.samples, seq_len=evaluation.seq_len,
-                               seed=evaluation.seed, split="evaluation", text_field=evaluation.text_field, contiguous=True)
-    return calib, held_out
+        return None
+    e = evaluation
+    return token_sequences(tokenizer, e.source, n_samples=e.samples, seq_len=e.seq_len, seed=e.seed, split="evaluation",
+                           text_field=e.text_field, contiguous=True)
+
+
+def calibration_texts(tokenizer, calibration: DataConfig, model=None) -> tuple[torch.Tensor, dict | None]:
+    """The calibration sequences, and what the selection did (None without one)."""
+    c = calibration
+    if c.select == "none":
+        return token_sequences(tokenizer, c.source, n_samples=c.samples, seq_len=c.seq_len, seed=c.seed,
+                               split="calibration", text_field=c.text_field), None
+    from prunesearch.data.select import select_calibration
+
+    if c.select != "random" and model is None:
+        raise UserError(f"calibration select '{c.select}' embeds the candidates with the model: none was given")
+    pool = token_sequences(tokenizer, c.source, n_samples=c.samples * c.pool, seq_len=c.seq_len, seed=c.seed,
+                           split="calibration", text_field=c.text_field)
+    chosen, info = select_calibration(model, pool, c.samples, c.select, seed=c.seed, batch_size=c.batch_size)
+    return chosen, info
 
 
 def kv_context(model, kv: KVCacheConfig | None):
@@ -74,7 +96,8 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         raise UserError(problem)
 
     t = time.perf_counter()
-    calib, held_out = load_texts(lm.tokenizer, cfg.calibration, cfg.evaluation)
+    calib, selection = calibration_texts(lm.tokenizer, cfg.calibration, model)
+    held_out = evaluation_texts(lm.tokenizer, cfg.evaluation)
     timings["data"] = time.perf_counter() - t
     bs_eval = cfg.evaluation.batch_size if cfg.evaluation else 8
     recon_ids = calib[: cfg.reconstruction_samples]
@@ -105,7 +128,7 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         "target_sparsity": cfg.pruning.sparsity,
         "achieved_sparsity": result.achieved,
         "stats_source": result.stats_source,
-        "calibration": {**cfg.calibration.model_dump(), "tokens": int(calib.numel())},
+        "calibration": {**cfg.calibration.model_dump(), "tokens": int(calib.numel()), "selection": selection},
         "evaluation": None if held_out is None else {**cfg.evaluation.model_dump(), "tokens": int(held_out.numel())},
         "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl,
                        "seq_len": cfg.evaluation.seq_len if cfg.evaluation else None},

@@ -80,14 +80,14 @@ def test_empty_cluster_is_reseeded_at_the_farthest_point():
 
 
 def test_difficulty_ranks_outliers_above_blob_centres():
-    X, _ = blobs()
+    X, _ = blobs(per=100)  # large blobs: a few outliers barely move the centroids
     centres_pts = CENTRES.clone()
     outliers = torch.tensor([[10.0, 10.0, 10.0, 10.0], [-8.0, 0.0, 9.0, 0.0], [10.0, 10.0, 0.0, 0.0]])
     scores = difficulty(torch.cat([X, centres_pts, outliers]), len(CENTRES), seed=0)
     assert scores.shape == (len(X) + len(CENTRES) + len(outliers),)
     assert (scores >= 0).all()
     at_centres, far = scores[len(X) : len(X) + len(CENTRES)], scores[-len(outliers) :]
-    assert at_centres.max() < 0.5 < 5.0 < far.min()
+    assert at_centres.max() < 0.5 and far.min() > 5.0
 
 
 def test_select_indices_modes():
@@ -133,7 +133,7 @@ def test_select_calibration_hard_easy(tiny_llama, lee_ids):
     assert sum(h_info["distances"]) / 8 > sum(e_info["distances"]) / 8
     scores = difficulty(embed_sequences(tiny_llama, lee_ids), 5, seed=0)  # the distances are the real scores
     assert torch.allclose(torch.tensor(h_info["distances"]), scores[h_info["indices"]], atol=1e-5)
-    again, again_info = select_calibration(tiny_llama, lee_ids, 8, "hard", seed=0, batch_size=3)
+    _, again_info = select_calibration(tiny_llama, lee_ids, 8, "hard", seed=0, batch_size=3)
     assert again_info["indices"] == h_info["indices"]
     _, k3 = select_calibration(tiny_llama, lee_ids, 8, "hard", n_clusters=3)
     assert k3["n_clusters"] == 3
@@ -169,3 +169,18 @@ def test_user_errors(lee_ids, call, message):
 
 def test_modes_constant():
     assert MODES == ("hard", "easy", "random")
+
+
+def test_prune_cli_selects_hard_calibration_sequences(tmp_path, capsys, tiny_dirs):
+    import json
+
+    from conftest import run_cli
+
+    code, out, err = run_cli(["prune", "--model", tiny_dirs["llama"], "--metric", "wanda", "--sparsity", "0.5",
+                              "--calibration", "lee", "--calibration-samples", "6", "--seq-len", "32",
+                              "--calibration-select", "hard", "--eval", "none", "--out", str(tmp_path / "p"), "--quiet"], capsys)
+    assert code == 0, err
+    sel = json.loads((tmp_path / "p" / "prune_report.json").read_text())["calibration"]["selection"]
+    assert sel["mode"] == "hard" and sel["pool"] == 24 and len(sel["indices"]) == 6
+    code, _, err = run_cli(["prune", "--model", tiny_dirs["llama"], "--calibration-select", "hardest", "--quiet"], capsys)
+    assert code == 2 and "calibration.select" in err and "Traceback" not in err

@@ -48,7 +48,7 @@ class Evaluator:
         self.linears = prunable_linears(self.model)
         self.blocks = linears_by_block(self.linears)
         self.layout = ModelLayout.of(self.linears)
-        calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation)
+        calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation, model=self.model)
         self.held_out = held_out if "perplexity" in self.cfg.objectives else None
         self.stats, self.ref = self._dense_side(calib, dense)
         p = self.cfg.pruning
