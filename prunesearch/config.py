@@ -282,11 +282,13 @@ class StudyConfig(Strict):
         return self
 
     def study_hash(self) -> str:
-        """What defines the study: everything but budgets, storage, naming and where workers run."""
+        """What defines the study: everything but budgets, storage, naming and where workers run.
+        Settings at their default are left out, so a new setting (with a default) added in a later
+        version does not orphan the studies launched before it."""
         import hashlib
         import json
 
-        data = self.model_dump(mode="json", exclude={"storage": True, "study": True, "workers": True,
+        data = self.model_dump(mode="json", exclude_defaults=True, exclude={"storage": True, "study": True, "workers": True,
                                                       "search": {"trials", "timeout_s", "patience", "heartbeat_s", "grace_s"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
