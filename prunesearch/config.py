@@ -62,6 +62,9 @@ class PruningConfig(Strict):
     group: Literal["auto", "row", "layer"] = "auto"
     mode: Literal["one_shot", "sequential"] = "sequential"
     bias_compensation: bool = Field(False, description="STADE's bias compensation (needs biases the architecture can store)")
+    remove_layers: int = Field(0, ge=0, description="Prune&Comp: remove this many decoder blocks (least influential "
+                                                    "first, iteratively) before pruning the rest to `sparsity`")
+    compensate: bool = Field(True, description="Prune&Comp: fold the magnitude-compensation scale into the residual writers")
     max_sparsity: float = Field(0.95, gt=0.0, lt=1.0)
 
     @field_validator("metric")

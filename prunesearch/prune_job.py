@@ -107,6 +107,13 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
     ref = DenseReference.compute(model, recon_ids, cfg.calibration.batch_size) if len(recon_ids) else None
     timings["dense_eval"] = time.perf_counter() - t
 
+    removal = None
+    if cfg.pruning.remove_layers:
+        from prunesearch.pruning.layer_removal import remove_blocks
+
+        removal = remove_blocks(model, calib, cfg.pruning.remove_layers, compensate=cfg.pruning.compensate,
+                                batch_size=cfg.calibration.batch_size, progress=progress)
+        timings["remove_layers"] = removal.timings.get("total", 0.0)
     result = prune_model(model, calib, cfg.pruning.spec(cfg.calibration.batch_size), progress=progress)
     timings.update({f"prune_{k}": v for k, v in result.timings.items()})
 
@@ -127,6 +134,8 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         "bias_compensation": cfg.pruning.bias_compensation,
         "target_sparsity": cfg.pruning.sparsity,
         "achieved_sparsity": result.achieved,
+        "removed_layers": None if removal is None else {"blocks": removal.removed, "scales": removal.scales,
+                                                         "compensated": cfg.pruning.compensate},
         "stats_source": result.stats_source,
         "calibration": {**cfg.calibration.model_dump(), "tokens": int(calib.numel()), "selection": selection},
         "evaluation": None if held_out is None else {**cfg.evaluation.model_dump(), "tokens": int(held_out.numel())},

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
 from prunesearch.errors import UserError
 from prunesearch.models.families import decoder_blocks, find_family
@@ -34,7 +33,7 @@ POST_NORM_TYPES = frozenset({"gemma2", "gemma3_text", "olmo2"})
 class RemovalResult:
     removed: list[int]  # original block indices, in removal order
     scales: list[float]  # compensation scale per removal (1.0 when not compensating)
-    influences: list[list[float]]  # per iteration: the influence of every block still present
+    influences: list[list[float]]  # per iteration: influence of every block still present ([] if not measured)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -230,7 +229,8 @@ def remove_blocks(model: nn.Module, calib_ids: torch.Tensor, k: int, *, compensa
     result = RemovalResult([], [], [], {"influence": 0.0, "removal": 0.0})
     for step in tqdm(range(k), desc="removing blocks", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        stats = block_stats(model, calib_ids, batch_size)
+        measure = compensate or blocks is None  # a forced, uncompensated cut needs no calibration pass
+        stats = block_stats(model, calib_ids, batch_size) if measure else None
         t1 = time.perf_counter()
         if blocks is not None:
             victim = origin.index(blocks[step])
@@ -240,7 +240,7 @@ def remove_blocks(model: nn.Module, calib_ids: torch.Tensor, k: int, *, compensa
         if compensate:
             fold_scale(model, scale, victim)
         drop_block(model, victim)
-        result.influences.append(stats.influence)
+        result.influences.append(stats.influence if stats else [])
         result.removed.append(origin.pop(victim))
         result.scales.append(scale)
         result.timings["influence"] += t1 - t0
