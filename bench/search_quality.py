@@ -128,7 +128,7 @@ def nsga3_main(args) -> None:
         ev = Evaluator(cfg)
         _, held_out = load_texts(ev.lm.tokenizer, cfg.calibration, EvalConfig(source="lee", samples=args.eval_samples, seq_len=512))
 
-        def ppl(cand: Candidate) -> tuple[float, float]:
+        def ppl(cand: Candidate, ev=ev) -> tuple[float, float]:
             _, achieved = ev.apply(cand)
             return achieved, perplexity(ev.model, held_out)
 
@@ -151,7 +151,7 @@ def nsga3_main(args) -> None:
         for name, metric, achieved, p, wall_s in rows:
             print(f"| {sparsity:.0%} | {name} | {metric.replace('meta:', '')} | {achieved:.4f} | {p:,.1f} | {wall_s} |")
         print(f"| {sparsity:.0%} | (found per-block sparsity) | | {' '.join(f'{r:.2f}' for r in cand.ratios)} | | |")
-        del ev
+        del ev, ppl
 
 
 if __name__ == "__main__":

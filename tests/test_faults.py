@@ -138,3 +138,20 @@ def test_a_killed_evaluator_is_replaced_and_its_trial_rerun(tmp_path):
     assert lost, "the killed actor's trial was not recorded as lost"
     workers = {t.user_attrs["worker"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert len(workers) >= 2  # the replacement actor (another process) finished the study
+
+
+def test_a_second_driver_on_one_sqlite_file_is_told_to_use_postgresql(tmp_path, caplog):
+    from prunesearch.search import storage
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from prunesearch.search.storage import claim_sqlite; "
+                               f"claim_sqlite({url!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with caplog.at_level("WARNING", logger="prunesearch.search.storage"):
+            storage.claim_sqlite(url)
+        assert "in use by another prunesearch driver" in caplog.text and "PostgreSQL" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait(10)
