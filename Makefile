@@ -38,7 +38,11 @@ test: $(STAMP) postgres
 bench: $(STAMP)
 	$(PY) bench/quality.py
 	$(PY) bench/trial_speed.py
+	$(PY) bench/trial_speed.py --config configs/nsga3.yaml --optishear-trials 0
 	$(PY) bench/search_quality.py
+	$(PY) bench/search_quality.py --nsga3
+	$(PY) bench/scale.py
+	$(PY) bench/methods.py
 
 clean:
 	rm -rf $(VENV) out *.egg-info
