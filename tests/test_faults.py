@@ -100,7 +100,7 @@ def test_postgres_study_survives_a_killed_driver(tmp_path, capsys, postgres_url,
 
 
 def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, capsys, postgres_url, ray_session):
-    cfg = study_config(tmp_path, trials=24, storage=postgres_url, study="pg-two")
+    cfg = study_config(tmp_path, trials=40, storage=postgres_url, study="pg-two")  # enough for both to start
     path = write_config(tmp_path, cfg)
     # one driver sets the study up (schema, config, baselines); then two run it at once
     code, _, err = run_cli(["launch", str(path), "--trials", "2", "--quiet"], capsys)
@@ -113,7 +113,7 @@ def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, cap
         for proc in drivers:
             stop(proc)
     study = load(cfg)
-    assert_exact_and_retried(study, 24)
+    assert_exact_and_retried(study, 40)
     by_driver = Counter(t.user_attrs.get("driver") for t in study.get_trials(states=FINISHED))
     assert len(by_driver) == 3, by_driver  # the set-up run and both drivers did work
     params = [tuple(sorted(t.params.items())) for t in study.get_trials(states=FINISHED)]
