@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import optuna
@@ -18,7 +17,8 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import PG_PASSWORD, run_cli
-from test_search import study_config, write_config
+import test_search as search_tests
+from test_search import start_driver, study_config, write_config
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -39,23 +39,8 @@ def load(cfg: dict) -> optuna.Study:
     return optuna.load_study(study_name=cfg["study"], storage=open_storage(cfg["storage"], create=False))
 
 
-def start_driver(path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "prunesearch", "launch", str(path), "--quiet"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-
-
-def wait_finished(cfg: dict, proc: subprocess.Popen, n: int, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.3)
-        try:
-            if len(load(cfg).get_trials(states=FINISHED)) >= n:
-                return
-        except Exception:  # the study may not exist yet
-            continue
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    raise AssertionError(f"fewer than {n} finished trials after {timeout}s")
+def wait_finished(cfg: dict, proc: subprocess.Popen, n: int) -> None:
+    search_tests.wait_finished(cfg, proc, n, load_study=load)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -129,20 +129,30 @@ def test_killed_study_resumes_to_exactly_the_requested_trials(tmp_path, capsys, 
     assert all(t.number in retried for t in lost if t.params)
 
 
-def _launch_and_wait(cfg: dict, path: Path, finished: int) -> subprocess.Popen:
-    """Start `prunesearch launch` in its own session; return once the study holds ``finished`` trials."""
+def start_driver(path: Path) -> subprocess.Popen:
+    """`prunesearch launch` in its own session (so a test can kill it with its Ray)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "prunesearch", "launch", str(path), "--quiet"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "prunesearch", "launch", str(path), "--quiet"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 240
+
+
+def wait_finished(cfg: dict, proc: subprocess.Popen, n: int, timeout: float = 240, load_study=None) -> None:
+    """Return once the study holds ``n`` finished trials; fail if the driver died or time ran out."""
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.3)
         try:
-            if len(load(cfg).get_trials(states=FINISHED)) >= finished:
-                break
+            if len((load_study or load)(cfg).get_trials(states=FINISHED)) >= n:
+                return
         except Exception:  # the study may not exist yet
             continue
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    raise AssertionError(f"fewer than {n} finished trials after {timeout}s")
+
+
+def _launch_and_wait(cfg: dict, path: Path, finished: int) -> subprocess.Popen:
+    proc = start_driver(path)
+    wait_finished(cfg, proc, finished)
     return proc
 
 
