@@ -224,6 +224,9 @@ class StudyPruningConfig(Strict):
     sparsity: float = Field(0.7, ge=0.0, lt=1.0, description="the global budget every candidate meets")
     structure: str = "unstructured"
     group: Literal["auto", "row", "layer"] = "auto"
+    remove_layers: int = Field(0, ge=0, description="Prune&Comp: remove this many blocks once, before the search; "
+                                                    "the search allocates `sparsity` over the rest")
+    compensate: bool = Field(True, description="Prune&Comp magnitude compensation of the removed blocks")
 
     @field_validator("metric")
     @classmethod

@@ -221,3 +221,20 @@ def test_kv_bits_study_is_multi_objective_and_exports_the_knee(tmp_path, capsys,
 
     code, out, err = run_cli(["report", "--study", "t", "--storage", cfg["storage"], "--out", str(tmp_path / "plots")], capsys)
     assert code == 0 and (tmp_path / "plots" / "pareto.png").exists()
+
+
+def test_a_study_on_a_model_with_blocks_removed_exports_what_it_measured(tmp_path, capsys, ray_session):
+    cfg = study_config(tmp_path, trials=3, model={"max_layers": 3}, pruning={"remove_layers": 1})
+    code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
+    assert code == 0, err
+    best = load(cfg).best_trial
+    assert len(best.user_attrs["ratios"]) == 2  # the search allocates over the 2 remaining blocks
+    exported = tmp_path / "best.yaml"
+    code, _, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(exported)], capsys)
+    assert code == 0, err
+    assert yaml.safe_load(exported.read_text())["pruning"]["remove_layers"] == 1
+    code, _, err = run_cli(["prune", "--config", str(exported), "--out", str(tmp_path / "pruned"), "--quiet"], capsys)
+    assert code == 0, err
+    report = yaml.safe_load((tmp_path / "pruned" / "prune_report.json").read_text())
+    assert len(report["removed_layers"]["blocks"]) == 1 and report["model"]["layers"] == 2
+    assert report["reconstruction"]["pruned"]["frobenius"] == pytest.approx(best.value, rel=1e-4)

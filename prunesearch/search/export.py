@@ -116,6 +116,8 @@ def prune_config(cfg: StudyConfig, trial: FrozenTrial) -> dict[str, Any]:
             "structure": cfg.pruning.structure,
             "group": cfg.pruning.group,
             "mode": "one_shot",
+            "remove_layers": cfg.pruning.remove_layers,
+            "compensate": cfg.pruning.compensate,
         },
         "reconstruction_samples": cfg.reconstruction_samples,
     }

@@ -45,12 +45,13 @@ class Evaluator:
         self.lm = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_layers=m.max_layers)
         self.model = self.lm.model
         self.device = next(self.model.parameters()).device
+        calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation, model=self.model)
+        self.held_out = held_out if "perplexity" in self.cfg.objectives else None
+        self.removal = None
+        self.stats, self.ref = self._dense_side(calib, dense)  # removes blocks first when the study says so
         self.linears = prunable_linears(self.model)
         self.blocks = linears_by_block(self.linears)
         self.layout = ModelLayout.of(self.linears)
-        calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation, model=self.model)
-        self.held_out = held_out if "perplexity" in self.cfg.objectives else None
-        self.stats, self.ref = self._dense_side(calib, dense)
         p = self.cfg.pruning
         self.spec = PruneSpec(p.metric, p.sparsity, "uniform", p.structure, p.group, "one_shot")
         self.nm = parse_structure(p.structure)
@@ -58,20 +59,33 @@ class Evaluator:
         self.startup_s = time.perf_counter() - t0
 
     def _dense_side(self, calib: torch.Tensor, shared: dict | None):
-        c = self.cfg
+        """Statistics of the model as the search prunes it, and the reference of the dense one.
+        With ``pruning.remove_layers`` the blocks go here (deterministic: same text, same blocks),
+        after the dense reference and before the statistics."""
+        c, p = self.cfg, self.cfg.pruning
         self.dense_key = key = dense_key(model=self.lm.source, spec=c.model.name, dtype=c.model.dtype, device=self.device.type,
                         max_layers=c.model.max_layers, calibration=c.calibration.model_dump(),
-                        recon=c.reconstruction_samples,
+                        recon=c.reconstruction_samples, removal=[p.remove_layers, p.compensate],
                         tokens=hashlib.sha256(calib.numpy().tobytes()).hexdigest())  # the text itself, not its name
+        got = None
         if shared is not None and shared.get("key") == key:
-            stats, ref = from_blob(shared["blob"], self.device)
-            save_dense(key, stats, ref)  # this node's cache, for its next start
-            return stats, ref
-        cached = load_dense(key, self.device)
-        if cached is not None:
-            return cached
-        stats = collect_stats(self.model, self.linears, calib, c.calibration.batch_size)
-        ref = DenseReference.compute(self.model, calib[: c.reconstruction_samples], c.calibration.batch_size)
+            got = from_blob(shared["blob"], self.device)
+            save_dense(key, *got)  # this node's cache, for its next start
+        else:
+            got = load_dense(key, self.device)
+        ref = got[1] if got else None
+        bs = c.calibration.batch_size
+        if p.remove_layers:
+            from prunesearch.pruning.layer_removal import remove_blocks
+
+            if ref is None:
+                ref = DenseReference.compute(self.model, calib[: c.reconstruction_samples], bs)
+            self.removal = remove_blocks(self.model, calib, p.remove_layers, compensate=p.compensate, batch_size=bs)
+        if got is not None:
+            return got
+        stats = collect_stats(self.model, prunable_linears(self.model), calib, bs)
+        if ref is None:
+            ref = DenseReference.compute(self.model, calib[: c.reconstruction_samples], bs)
         save_dense(key, stats, ref)
         return stats, ref
 
