@@ -16,8 +16,8 @@ from torch import nn
 from prunesearch.models.families import decoder_blocks
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward is skipped."""
 
 
 def batches(ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -29,11 +29,11 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _run_until_stop(model: nn.Module, ids: torch.Tensor) -> None:
-    """Forward ``ids`` until a hook raises _Stop (the rest of the model is skipped)."""
+def run_until_stop(model: nn.Module, ids: torch.Tensor) -> None:
+    """Forward ``ids`` until a hook raises StopForward (the rest of the model is skipped)."""
     try:
         model(input_ids=ids.to(model_device(model)), use_cache=False)
-    except _Stop:
+    except StopForward:
         pass
 
 
@@ -44,11 +44,11 @@ def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
     def grab(_module, args):
         captured["h"] = args[0]
-        raise _Stop
+        raise StopForward
 
     handle = model.get_output_embeddings().register_forward_pre_hook(grab)
     try:
-        _run_until_stop(model, ids)
+        run_until_stop(model, ids)
     finally:
         handle.remove()
     return captured["h"]
@@ -81,12 +81,12 @@ def capture_block_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int) -
     def grab(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         inputs.append(BlockInput(hidden, tuple(args[1:]), dict(kwargs)))
-        raise _Stop
+        raise StopForward
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for batch in batches(ids, batch_size):
-            _run_until_stop(model, batch)
+            run_until_stop(model, batch)
     finally:
         handle.remove()
     return inputs

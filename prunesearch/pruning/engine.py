@@ -138,11 +138,10 @@ class _LayerPruner:
     @torch.no_grad()
     def __call__(self, lin: PrunableLinear, sparsity: float, stats: ColumnStats | None) -> float:
         W = lin.weight
-        entry, params = metrics.METRICS.resolve(self.spec.metric)
-        if entry.meta.get("solver"):
+        if metrics.is_solver(self.spec.metric):
             from prunesearch.pruning.sparsegpt import sparsegpt_prune
 
-            sparsegpt_prune(W, stats.xtx, sparsity, self.nm, **params)
+            sparsegpt_prune(W, stats.xtx, sparsity, self.nm, **metrics.METRICS.resolve(self.spec.metric)[1])
             return (W == 0).float().mean().item()
         mask = prune_mask(metrics.score(self.spec.metric, W, stats), sparsity, self.group, self.nm)
         if self.spec.bias_compensation:

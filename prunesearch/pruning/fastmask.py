@@ -24,14 +24,14 @@ class FastMasker:
         self.dense = {l.name: l.weight.clone() for l in linears}
         self._zero = torch.zeros((), dtype=linears[0].weight.dtype, device=linears[0].weight.device) if linears else None
         self.ranks = {}
-        self.rerank(stats, metric)
+        self.rerank(metric)
 
     @torch.no_grad()
-    def rerank(self, stats: dict[str, ColumnStats] | None, metric: str) -> None:
+    def rerank(self, metric: str) -> None:
         """Score every layer under ``metric`` (on the dense weights) and keep only the ranks."""
         self.metric = metric
         for lin in self.linears:
-            scores = metrics.score(metric, self.dense[lin.name], stats.get(lin.name) if stats else None)
+            scores = metrics.score(metric, self.dense[lin.name], self._stats_of(lin))
             self.ranks[lin.name] = score_ranks(scores, self.group, self.nm)
 
     @torch.no_grad()
@@ -49,11 +49,14 @@ class FastMasker:
             if ranked:
                 mask = self.ranks[lin.name] < k
             else:
-                scores = metrics.score(metric, dense, self.stats.get(lin.name) if self.stats else None)
+                scores = metrics.score(metric, dense, self._stats_of(lin))
                 mask = prune_mask(scores, sparsity[lin.name], self.group, self.nm)
             torch.where(mask, self._zero, dense, out=W)  # one pass; copy_ + masked_fill_ is 20x slower on CPU
             masked += self._count(k, W.shape)
         return masked
+
+    def _stats_of(self, lin: PrunableLinear) -> ColumnStats | None:
+        return self.stats.get(lin.name) if self.stats else None
 
     def _count(self, k: int, shape: torch.Size) -> int:
         if self.nm is not None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from prunesearch.errors import UserError
 from prunesearch.models.families import decoder_blocks, find_family
-from prunesearch.models.forward import batches, model_device
+from prunesearch.models.forward import StopForward, batches, run_until_stop
 
 # Blocks that normalise their *output* before adding it to the residual stream (Gemma 2/3,
 # OLMo 2): scaling the output projections there would be undone by that norm.
@@ -43,10 +43,6 @@ class BlockStats:
 
     influence: list[float]
     mean_abs: torch.Tensor  # (n_blocks + 1, hidden): inputs of each block, then the input of the final norm
-
-
-class _Stop(Exception):
-    """Raised after the last block: the final norm and lm_head are not needed."""
 
 
 # ---------------------------------------------------------------- measuring
@@ -78,7 +74,7 @@ def block_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8) 
             infl_sum[i] += (1.0 - cos).sum().double().cpu()
             if i == n - 1:
                 abs_sum[n] = abs_sum[n] + h_out.detach().float().abs().sum(dim=(0, 1)).double().cpu()
-                raise _Stop
+                raise StopForward  # the final norm and lm_head are not needed
 
         return hook
 
@@ -88,10 +84,7 @@ def block_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8) 
             handles.append(block.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
             handles.append(block.register_forward_hook(post_hook(i)))
         for batch in batches(calib_ids, batch_size):
-            try:
-                model(input_ids=batch.to(model_device(model)), use_cache=False)
-            except _Stop:
-                pass
+            run_until_stop(model, batch)
             tokens += batch.numel()
     finally:
         for handle in handles:

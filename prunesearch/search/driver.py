@@ -54,6 +54,13 @@ def count_running(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
+def _finished_and_running(study: optuna.Study) -> tuple[int, int]:
+    """Both counts (every driver's trials) from one read of the study."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *FINISHED))
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    return len(trials) - running, running
+
+
 def make_study_space(cfg: StudyConfig, layout: ModelLayout):
     nm = parse_structure(cfg.pruning.structure)
     return make_space(cfg.space.name, layout, cfg.pruning.sparsity, min_sparsity=cfg.space.min_sparsity,
@@ -212,7 +219,7 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, dispatcher: Dispatch
         if time.monotonic() - last_stale_check > cfg.search.heartbeat_s:
             fail_stale(study, cfg.search.grace_s, on_stale, dispatcher.running_ids)
             last_stale_check = time.monotonic()
-        finished, running = count_finished(study), count_running(study)  # every driver's trials
+        finished, running = _finished_and_running(study)
         if stop is None:
             if finished >= target:
                 stop = "trials"

@@ -100,9 +100,13 @@ class Recorded:
     F: np.ndarray  # minimisation space; PENALTY where it failed twice
 
 
+def minimised(study: optuna.Study, values) -> np.ndarray:
+    """Objective values as pymoo sees them: every objective minimised."""
+    return np.array([v if d == StudyDirection.MINIMIZE else -v for v, d in zip(values, study.directions)], dtype=float)
+
+
 def recorded(study: optuna.Study) -> dict[tuple[int, int], Recorded]:
     """What the database holds: (generation, individual) -> vector and objective values."""
-    sign = np.array([1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in study.directions])
     out: dict[tuple[int, int], Recorded] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         a = t.user_attrs
@@ -110,9 +114,9 @@ def recorded(study: optuna.Study) -> dict[tuple[int, int], Recorded]:
             continue
         key = (a[GENERATION], a[INDIVIDUAL])
         if t.state == TrialState.COMPLETE:
-            out[key] = Recorded(a[VECTOR], sign * np.array(t.values))
+            out[key] = Recorded(a[VECTOR], minimised(study, t.values))
         elif a.get(LAST_ATTEMPT) and "error" in a:  # failed twice by its own error (not lost, killed or interrupted)
-            out.setdefault(key, Recorded(a[VECTOR], np.full(len(sign), PENALTY)))
+            out.setdefault(key, Recorded(a[VECTOR], np.full(len(study.directions), PENALTY)))
     return out
 
 
@@ -195,7 +199,7 @@ def _evaluate(study, cfg, space, dispatcher, generation, X, missing, F, t0, ctrl
         for o in dispatcher.wait(timeout=1.0):
             i = o.tag
             if o.state == "complete":
-                F[i] = [v if d == StudyDirection.MINIMIZE else -v for v, d in zip(o.values, study.directions)]
+                F[i] = minimised(study, o.values)
                 failures_in_a_row = 0
                 bar.update(1)
             elif o.state == "lost":

@@ -45,11 +45,8 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def create_or_check(cfg: StudyConfig, name: str, storage: str | optuna.storages.RDBStorage) -> tuple[optuna.Study, bool]:
+def create_or_check(cfg: StudyConfig, name: str, storage: optuna.storages.RDBStorage) -> tuple[optuna.Study, bool]:
     """Create the study (returns created=True), or reopen it if its config is the same."""
-    storage_url = cfg.storage
-    if isinstance(storage, str):
-        storage_url, storage = storage, open_storage(storage)
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     if name not in existing:
         try:
@@ -63,7 +60,7 @@ def create_or_check(cfg: StudyConfig, name: str, storage: str | optuna.storages.
             break
         time.sleep(0.2)
     if stored != cfg.study_hash():
-        raise UserError(f"study '{name}' in {mask_url(storage_url)} was launched with a different config "
+        raise UserError(f"study '{name}' in {mask_url(cfg.storage)} was launched with a different config "
                         f"(hash {stored}, now {cfg.study_hash()}): choose a new --study name, or "
                         f"`prunesearch resume --study {name}` to continue it as it was")
     return study, False

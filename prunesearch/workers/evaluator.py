@@ -67,12 +67,10 @@ class Evaluator:
                         max_layers=c.model.max_layers, calibration=c.calibration.model_dump(),
                         recon=c.reconstruction_samples, removal=[p.remove_layers, p.compensate],
                         tokens=hashlib.sha256(calib.numpy().tobytes()).hexdigest())  # the text itself, not its name
-        got = None
-        if shared is not None and shared.get("key") == key:
+        got = load_dense(key, self.device)
+        if got is None and shared is not None and shared.get("key") == key:
             got = from_blob(shared["blob"], self.device)
             save_dense(key, *got)  # this node's cache, for its next start
-        else:
-            got = load_dense(key, self.device)
         ref = got[1] if got else None
         bs = c.calibration.batch_size
         if p.remove_layers:

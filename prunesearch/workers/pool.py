@@ -95,7 +95,7 @@ class EvaluatorPool:
         self._waiting_since: float | None = None
 
     def _start(self) -> None:
-        actor = self._remote.options(**self._options).remote(*self._args, dense=getattr(self, "dense", None))
+        actor = self._remote.options(**self._options).remote(*self._args, dense=self.dense)
         self.starting[actor.ready.remote()] = actor
 
     def _ready(self, actor, ref=None) -> dict:
@@ -112,10 +112,6 @@ class EvaluatorPool:
     @property
     def layout(self) -> dict:
         return self.info[0]["layout"]
-
-    @property
-    def alive(self) -> int:
-        return len(self.actors)
 
     def lost(self, actor) -> None:
         """An actor died (its process or its node): drop it and start a replacement."""
