@@ -120,9 +120,10 @@ def check_spec(spec: PruneSpec, linears: list[PrunableLinear] | None = None) -> 
 
 
 def collect_stats(model: nn.Module, linears: list[PrunableLinear], ids: torch.Tensor, batch_size: int,
-                  progress: bool = False, desc: str = "calibration") -> dict[str, ColumnStats]:
-    """One decoder-only forward over the calibration ids with hooks on ``linears``."""
-    with StatsCollector(linears) as collector:
+                  progress: bool = False, desc: str = "calibration", metric: str | None = None) -> dict[str, ColumnStats]:
+    """One decoder-only forward over the calibration ids with hooks on ``linears``; ``metric``
+    adds the optional statistics it needs (ACE's cosine statistic; never X^T X for every layer)."""
+    with StatsCollector(linears, want_cos=metrics.stats_extras(metric)["want_cos"]) as collector:
         for batch in tqdm(list(batches(ids, batch_size)), desc=desc, disable=not progress, leave=False):
             run_to_lm_head(model, batch)
     return collector.stats
@@ -175,7 +176,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
 
     def gather(desc: str = "calibration") -> dict[str, ColumnStats]:
         t = time.perf_counter()
-        stats = collect_stats(model, linears, calib_ids, spec.batch_size, progress, desc)
+        stats = collect_stats(model, linears, calib_ids, spec.batch_size, progress, desc, metric=spec.metric)
         timings["calibration"] = timings.get("calibration", 0.0) + time.perf_counter() - t
         return stats
 
@@ -208,7 +209,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
         stats_source = "dense model, one pass" if metric_stats else "none (weights only)"
     else:
         _prune_sequential(model, blocks, calib_ids, spec.batch_size, metric_stats, prune_block, progress,
-                          want_xtx=bool(metrics.METRICS.resolve(spec.metric)[0].meta.get("needs_xtx")))
+                          **metrics.stats_extras(spec.metric))
         stats_source = "sequential: each block's inputs from the already pruned blocks" if metric_stats else "none (weights only)"
     timings["pruning"] = time.perf_counter() - t  # sequential mode: includes the block forwards
     timings["total"] = time.perf_counter() - t_start
@@ -216,7 +217,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
 
 
 @torch.no_grad()
-def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_block, progress, want_xtx=False) -> None:
+def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_block, progress, want_xtx=False,
+                      want_cos=False) -> None:
     if not need_stats:
         for b in range(len(blocks)):
             prune_block(b, None)
@@ -224,7 +226,7 @@ def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_bl
     modules = decoder_blocks(model)
     inputs = capture_block_inputs(model, calib_ids, batch_size)
     for b in tqdm(range(len(blocks)), desc="pruning blocks", disable=not progress, leave=False):
-        with StatsCollector(blocks[b], want_xtx=want_xtx) as collector:  # X^T X: one block's layers at a time
+        with StatsCollector(blocks[b], want_xtx=want_xtx, want_cos=want_cos) as collector:  # one block's extras at a time
             for inp in inputs:
                 inp.run(modules[b])
         prune_block(b, collector.stats)

@@ -41,6 +41,33 @@ def ria(W: torch.Tensor, stats: ColumnStats, *, a: float = 0.5) -> torch.Tensor:
     return relative * stats.wanda_norm.to(W.device).pow(a)
 
 
+# ACE (Mi et al. 2025). Their exact equations were not available here; these are the forms
+# their text describes, with every choice stated (shared/methods.md, README "ACE").
+
+
+@METRICS.register("varp", needs_stats=True, group="row")
+def varp(W: torch.Tensor, stats: ColumnStats, *, beta: float = 0.25) -> torch.Tensor:
+    """VarP: Wanda's score times (Var(X_j) / E[X_j^2])^beta. Of equal-norm inputs, the one whose
+    energy varies across tokens carries the token distinctions; a constant offset does not.
+    beta = 0 is Wanda, beta = 0.5 ranks like STADE (|W| std); the share is dimensionless, so
+    scores stay comparable across layers. Needs only the streaming mean and variance."""
+    return wanda(W, stats) * stats.var_share.to(W.device).pow(beta)
+
+
+@METRICS.register("cosp", needs_stats=True, group="row", needs_cos=True)
+def cosp(W: torch.Tensor, stats: ColumnStats) -> torch.Tensor:
+    """CosP: Wanda's score times the first-order cosine loss of removing W_ij,
+    (1 - cos)_ij ~ |W_ij| * mean_t |a_ti x_tj| / ||a_t||^2 (a = the layer's output). Keeps the
+    weights that hold each token's output direction, not only its size."""
+    return wanda(W, stats) * W.abs() * stats.cos_loss.to(W.device)
+
+
+@METRICS.register("ace", needs_stats=True, group="row", needs_cos=True)
+def ace(W: torch.Tensor, stats: ColumnStats, *, beta: float = 0.25) -> torch.Tensor:
+    """CosP + VarP: the cosine-loss score scaled by VarP's variance share."""
+    return cosp(W, stats) * stats.var_share.to(W.device).pow(beta)
+
+
 @METRICS.register("sparsegpt", needs_stats=True, group="row", solver=True, needs_xtx=True)
 def sparsegpt(W: torch.Tensor, stats: ColumnStats, *, blocksize: int = 128, damp: float = 0.01) -> torch.Tensor:
     """SparseGPT prunes by OBS updates (pruning/sparsegpt.py), not by a score; where a score is
@@ -52,6 +79,12 @@ def sparsegpt(W: torch.Tensor, stats: ColumnStats, *, blocksize: int = 128, damp
 def is_solver(spec: str) -> bool:
     """Metrics that update the remaining weights (SparseGPT) instead of only masking them."""
     return bool(METRICS.resolve(spec)[0].meta.get("solver"))
+
+
+def stats_extras(spec: str | None) -> dict[str, bool]:
+    """Which optional statistics (StatsCollector keywords) a metric spec needs."""
+    meta = METRICS.resolve(spec)[0].meta if spec else {}
+    return {"want_xtx": bool(meta.get("needs_xtx")), "want_cos": bool(meta.get("needs_cos"))}
 
 
 def metric_needs_stats(spec: str) -> bool:

@@ -2,8 +2,9 @@
 
 Nothing stores activations: each batch is folded into running (count, mean, M2) with Chan's
 parallel update, in float64 so long calibration runs stay exact enough. From these follow
-Wanda's column norm, STADE's variance and the means that bias compensation needs. X^T X (for
-OBS-style methods) is optional: it costs d_in^2 per layer.
+Wanda's column norm, STADE's variance and the means that bias compensation needs. Two extras are
+optional because of their size: X^T X for OBS-style methods (d_in^2 per layer) and ACE's cosine
+statistic (d_out x d_in per layer, see ``update``).
 """
 
 from __future__ import annotations
@@ -20,22 +21,37 @@ class ColumnStats:
     d_in: int
     device: torch.device
     want_xtx: bool = False
+    d_out: int = 0  # only needed with want_cos
+    want_cos: bool = False
     n_tokens: int = 0
     n_seqs: int = 0
     mean: torch.Tensor = field(init=False)
     m2: torch.Tensor = field(init=False)
     xtx: torch.Tensor | None = field(init=False, default=None)
+    cos: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.mean = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
         self.m2 = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
         if self.want_xtx:
             self.xtx = torch.zeros(self.d_in, self.d_in, dtype=torch.float32, device=self.device)
+        if self.want_cos:
+            if self.d_out < 1:
+                raise ValueError("want_cos needs d_out")
+            self.cos = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=self.device)
 
-    def update(self, x: torch.Tensor) -> None:
-        """Fold one batch of inputs (..., d_in) in."""
+    def update(self, x: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """Fold one batch of inputs (..., d_in) in; ``out`` (..., d_out), the layer's outputs,
+        feeds the cosine statistic: sum over tokens t of |a_ti| |x_tj| / ||a_t||^2, the size of
+        the first-order change in cos(a_t, a_t - W_ij x_tj e_i) per unit of |W_ij| (ACE's CosP)."""
         self.n_seqs += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, self.d_in).float()
+        if self.cos is not None:
+            if out is None:
+                raise ValueError("the cosine statistic needs the layer outputs")
+            a = out.reshape(-1, self.d_out).float()
+            inv = 1.0 / a.square().sum(1, keepdim=True).clamp_min(1e-12)
+            self.cos.addmm_((a.abs() * inv).t(), x.abs())
         n_b = x.shape[0]
         mean_b = x.mean(0)
         m2_b = (x - mean_b).square().sum(0).double()
@@ -67,27 +83,40 @@ class ColumnStats:
     def mean_f32(self) -> torch.Tensor:
         return self.mean.float()
 
+    @property
+    def var_share(self) -> torch.Tensor:
+        """Var(X_j) / E[X_j^2] in [0, 1]: the part of a column's energy that differs between
+        tokens rather than being a constant offset (float32)."""
+        return (self.m2 / self.sumsq.clamp_min(1e-30)).clamp(0, 1).float()
+
+    @property
+    def cos_loss(self) -> torch.Tensor:
+        """Mean over tokens of |a_ti| |x_tj| / ||a_t||^2 (d_out, d_in); needs want_cos."""
+        if self.cos is None:
+            raise ValueError("this metric needs the cosine statistic: collect with want_cos")
+        return self.cos / max(self.n_tokens, 1)
+
 
 class StatsCollector:
     """Context manager: hooks the given layers and accumulates their input statistics."""
 
-    def __init__(self, linears: list[PrunableLinear], want_xtx: bool = False):
+    def __init__(self, linears: list[PrunableLinear], want_xtx: bool = False, want_cos: bool = False):
         self.linears = linears
-        self.want_xtx = want_xtx
+        self.want_xtx, self.want_cos = want_xtx, want_cos
         self.stats: dict[str, ColumnStats] = {}
         self._handles = []
 
     def __enter__(self) -> "StatsCollector":
         for lin in self.linears:
-            st = ColumnStats(lin.d_in, lin.module.weight.device, self.want_xtx)
+            st = ColumnStats(lin.d_in, lin.module.weight.device, self.want_xtx, lin.d_out, self.want_cos)
             self.stats[lin.name] = st
             self._handles.append(lin.module.register_forward_hook(self._hook(st)))
         return self
 
     @staticmethod
     def _hook(st: ColumnStats):
-        def hook(_module, inputs, _output):
-            st.update(inputs[0].detach())
+        def hook(_module, inputs, output):
+            st.update(inputs[0].detach(), output.detach() if st.cos is not None else None)
 
         return hook
 

@@ -32,7 +32,8 @@ def _path(key: str) -> Path:
 def to_blob(stats: dict[str, ColumnStats], ref: DenseReference) -> dict:
     """Plain CPU tensors: what the disk cache and Ray's object store carry."""
     return {
-        "stats": {n: {"n_tokens": s.n_tokens, "n_seqs": s.n_seqs, "mean": s.mean.cpu(), "m2": s.m2.cpu()} for n, s in stats.items()},
+        "stats": {n: {"n_tokens": s.n_tokens, "n_seqs": s.n_seqs, "mean": s.mean.cpu(), "m2": s.m2.cpu(),
+                      **({"cos": s.cos.cpu()} if s.cos is not None else {})} for n, s in stats.items()},
         "ref": {"ids": ref.ids.cpu(), "hidden": ref.hidden.cpu(), "gram": ref.gram.cpu(), "batch_size": ref.batch_size},
     }
 
@@ -43,6 +44,9 @@ def from_blob(blob: dict, device: torch.device) -> tuple[dict[str, ColumnStats],
         st = ColumnStats(s["mean"].numel(), device)
         st.n_tokens, st.n_seqs = int(s["n_tokens"]), int(s["n_seqs"])
         st.mean, st.m2 = s["mean"].to(device), s["m2"].to(device)
+        if "cos" in s:  # ACE's statistic, present when the study's metric asked for it
+            st.cos = s["cos"].to(device)
+            st.d_out, st.want_cos = st.cos.shape[0], True
         stats[name] = st
     r = blob["ref"]
     return stats, DenseReference(r["ids"], r["hidden"], r["gram"], int(r["batch_size"]))

@@ -23,6 +23,7 @@ from prunesearch.objectives.lm import perplexity
 from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
 from prunesearch.objectives.registry import objective
 from prunesearch.prune_job import kv_context, kv_report, load_texts
+from prunesearch.pruning import metrics
 from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
 from prunesearch.pruning.engine import PruneSpec, collect_stats, resolve_group
 from prunesearch.pruning.fastmask import FastMasker
@@ -66,6 +67,7 @@ class Evaluator:
         self.dense_key = key = dense_key(model=self.lm.source, spec=c.model.name, dtype=c.model.dtype, device=self.device.type,
                         max_layers=c.model.max_layers, calibration=c.calibration.model_dump(),
                         recon=c.reconstruction_samples, removal=[p.remove_layers, p.compensate],
+                        extras=metrics.stats_extras(p.metric),
                         tokens=hashlib.sha256(calib.numpy().tobytes()).hexdigest())  # the text itself, not its name
         got = load_dense(key, self.device)
         if got is None and shared is not None and shared.get("key") == key:
@@ -81,7 +83,7 @@ class Evaluator:
             self.removal = remove_blocks(self.model, calib, p.remove_layers, compensate=p.compensate, batch_size=bs)
         if got is not None:
             return got
-        stats = collect_stats(self.model, prunable_linears(self.model), calib, bs)
+        stats = collect_stats(self.model, prunable_linears(self.model), calib, bs, metric=p.metric)
         if ref is None:
             ref = DenseReference.compute(self.model, calib[: c.reconstruction_samples], bs)
         save_dense(key, stats, ref)
