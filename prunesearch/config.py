@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from prunesearch.errors import UserError
 from prunesearch.pruning.allocations import ALLOCATIONS
 from prunesearch.pruning.engine import PruneSpec, check_spec
-from prunesearch.pruning.metrics import METRICS, is_solver
+from prunesearch.pruning.metrics import METRICS
 
 
 class Strict(BaseModel):
@@ -232,9 +232,6 @@ class StudyPruningConfig(Strict):
     @classmethod
     def _known_metric(cls, v: str) -> str:
         _as_value_error(lambda: METRICS.resolve(v))
-        if is_solver(v):
-            raise ValueError(f"{v.split(':')[0]} updates the weights, so a trial cannot be a mask over the dense ones: "
-                             "search with wanda, then `prunesearch prune --config` the export with metric sparsegpt")
         return v
 
     @model_validator(mode="after")

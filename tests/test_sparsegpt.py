@@ -37,7 +37,7 @@ def test_obs_updates_beat_masking_alone(nm):
         assert (mask.reshape(W.shape[0], -1, 4).sum(-1) == 2).all()  # exactly 2 of every 4
 
 
-def test_prune_cli_runs_sparsegpt_sequentially(tmp_path, capsys, tiny_dirs):
+def test_prune_cli_runs_sparsegpt(tmp_path, capsys, tiny_dirs):
     code, out, err = run_cli(["prune", "--model", tiny_dirs["llama"], "--metric", "sparsegpt", "--sparsity", "0.5",
                               "--calibration", "lee", "--calibration-samples", "8", "--seq-len", "32", "--eval", "lee", "--eval-samples", "2", "--eval-seq-len", "64",
                               "--out", str(tmp_path / "p"), "--quiet"], capsys)
@@ -46,6 +46,40 @@ def test_prune_cli_runs_sparsegpt_sequentially(tmp_path, capsys, tiny_dirs):
 
     report = json.loads((tmp_path / "p" / "prune_report.json").read_text())
     assert report["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
-    code, _, err = run_cli(["prune", "--model", tiny_dirs["llama"], "--metric", "sparsegpt", "--mode", "one_shot",
+    code, _, err = run_cli(["prune", "--model", tiny_dirs["llama"], "--metric", "sparsegpt", "--bias-compensation",
                             "--calibration", "lee", "--calibration-samples", "8", "--seq-len", "32", "--quiet"], capsys)
-    assert code == 2 and "use mode sequential" in err and "Traceback" not in err
+    assert code == 2 and "SparseGPT's own updates" in err and "Traceback" not in err
+
+
+def test_a_study_worker_runs_sparsegpt_per_trial_as_prune_does(monkeypatch):
+    """The slow path: each trial re-solves from the dense weights with the cached Hessian
+    factors; its weights equal a one-shot `prune` with the same per-block ratios."""
+    from prunesearch.config import StudyConfig
+    from prunesearch.models import load_model, prunable_linears
+    from prunesearch.prune_job import load_texts
+    from prunesearch.pruning.engine import PruneSpec, prune_model
+    from prunesearch.spaces import Candidate
+    from prunesearch.workers import evaluator as evaluator_module
+    from prunesearch.workers.evaluator import Evaluator
+
+    cfg = StudyConfig.model_validate({
+        "model": {"name": "default", "max_layers": 2, "device": "cpu"},
+        "calibration": {"source": "lee", "samples": 4, "seq_len": 64, "batch_size": 2},
+        "pruning": {"metric": "sparsegpt", "sparsity": 0.6}, "reconstruction_samples": 4, "objectives": ["frobenius"],
+    })
+    ev = Evaluator(cfg)
+    low = ev.evaluate(Candidate(ratios=[0.6, 0.6]))
+    res = ev.evaluate(Candidate(ratios=[0.5, 0.7]))  # a second trial starts from the dense weights again
+    assert res["achieved"] == pytest.approx(0.6, abs=0.01) and res["values"] != low["values"]
+    solved = {l.name: l.weight.clone() for l in ev.linears}
+
+    lm = load_model("default", device="cpu", max_layers=2)
+    calib, _ = load_texts(lm.tokenizer, cfg.calibration, None)
+    prune_model(lm.model, calib, PruneSpec(metric="sparsegpt", sparsity=0.6, mode="one_shot", batch_size=2,
+                                           allocation={"name": "explicit", "params": {"sparsities": [0.5, 0.7]}}))
+    for lin in prunable_linears(lm.model):
+        torch.testing.assert_close(lin.weight, solved[lin.name], rtol=1e-4, atol=1e-6)
+
+    monkeypatch.setattr(evaluator_module, "collect_stats", lambda *a, **k: pytest.fail("calibration ran again"))
+    again = Evaluator(cfg)  # X^T X comes back from the dense cache
+    assert again.evaluate(Candidate(ratios=[0.5, 0.7]))["values"] == pytest.approx(res["values"], rel=1e-5)

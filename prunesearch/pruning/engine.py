@@ -103,9 +103,6 @@ def check_spec(spec: PruneSpec, linears: list[PrunableLinear] | None = None) -> 
     if spec.batch_size < 1:
         raise UserError("batch_size must be at least 1")
     if metrics.is_solver(spec.metric):
-        if spec.mode != "sequential":
-            raise UserError(f"{spec.metric.split(':')[0]} updates the weights block by block on pruned inputs: "
-                            "use mode sequential (one_shot would hold every layer's X^T X at once)")
         if spec.bias_compensation:
             raise UserError("bias compensation is STADE's: SparseGPT's own updates already compensate")
     nm = parse_structure(spec.structure)
@@ -120,10 +117,15 @@ def check_spec(spec: PruneSpec, linears: list[PrunableLinear] | None = None) -> 
 
 
 def collect_stats(model: nn.Module, linears: list[PrunableLinear], ids: torch.Tensor, batch_size: int,
-                  progress: bool = False, desc: str = "calibration", metric: str | None = None) -> dict[str, ColumnStats]:
+                  progress: bool = False, desc: str = "calibration", metric: str | None = None,
+                  xtx: bool | None = None) -> dict[str, ColumnStats]:
     """One decoder-only forward over the calibration ids with hooks on ``linears``; ``metric``
-    adds the optional statistics it needs (ACE's cosine statistic; never X^T X for every layer)."""
-    with StatsCollector(linears, want_cos=metrics.stats_extras(metric)["want_cos"]) as collector:
+    adds the optional statistics it needs (ACE's cosine statistic, SparseGPT's X^T X: every
+    layer's at once, unless ``xtx=False``)."""
+    extras = metrics.stats_extras(metric)
+    if xtx is not None:
+        extras["want_xtx"] = xtx and extras["want_xtx"]
+    with StatsCollector(linears, **extras) as collector:
         for batch in tqdm(list(batches(ids, batch_size)), desc=desc, disable=not progress, leave=False):
             run_to_lm_head(model, batch)
     return collector.stats
@@ -176,7 +178,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
 
     def gather(desc: str = "calibration") -> dict[str, ColumnStats]:
         t = time.perf_counter()
-        stats = collect_stats(model, linears, calib_ids, spec.batch_size, progress, desc, metric=spec.metric)
+        stats = collect_stats(model, linears, calib_ids, spec.batch_size, progress, desc, metric=spec.metric,
+                              xtx=spec.mode == "one_shot")  # sequential: one block's X^T X at a time, below
         timings["calibration"] = timings.get("calibration", 0.0) + time.perf_counter() - t
         return stats
 

@@ -29,17 +29,28 @@ def _upper_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise RuntimeError("SparseGPT: the layer's X^T X is not positive definite even with heavy damping")
 
 
+class HessianFactor:
+    """What SparseGPT needs of a layer's X^T X, independent of the sparsity: the upper Cholesky
+    factor of the damped inverse, and the inputs that were always zero. A study computes it once
+    per layer and reuses it for every trial."""
+
+    def __init__(self, xtx: torch.Tensor, damp: float = 0.01, device: torch.device | None = None):
+        H = xtx.to(device or xtx.device, torch.float64).clone()
+        self.dead = H.diagonal() == 0  # inputs that were always zero: their weights are free to go
+        H[self.dead, self.dead] = 1.0
+        self.U = _upper_inverse_cholesky(H, damp)
+
+
 @torch.no_grad()
-def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor, sparsity: float, nm: NM | None = None, *,
+def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor | HessianFactor, sparsity: float, nm: NM | None = None, *,
                     blocksize: int = 128, damp: float = 0.01) -> torch.Tensor:
-    """Prune the (d_out, d_in) weight ``W`` in place; returns the boolean mask of pruned weights."""
+    """Prune the (d_out, d_in) weight ``W`` in place; returns the boolean mask of pruned weights.
+    ``xtx`` is the layer's X^T X, or its HessianFactor (then ``damp`` was applied there)."""
     d_out, d_in = W.shape
-    H = xtx.to(W.device, torch.float64).clone()
-    dead = H.diagonal() == 0  # inputs that were always zero: their weights are free to go
-    H[dead, dead] = 1.0
+    factor = xtx if isinstance(xtx, HessianFactor) else HessianFactor(xtx, damp, W.device)
+    U = factor.U.to(W.device)
     work = W.to(torch.float64).clone()
-    work[:, dead] = 0.0
-    U = _upper_inverse_cholesky(H, damp)
+    work[:, factor.dead.to(W.device)] = 0.0
     mask = torch.zeros(d_out, d_in, dtype=torch.bool, device=W.device)
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)

@@ -33,7 +33,8 @@ def to_blob(stats: dict[str, ColumnStats], ref: DenseReference) -> dict:
     """Plain CPU tensors: what the disk cache and Ray's object store carry."""
     return {
         "stats": {n: {"n_tokens": s.n_tokens, "n_seqs": s.n_seqs, "mean": s.mean.cpu(), "m2": s.m2.cpu(),
-                      **({"cos": s.cos.cpu()} if s.cos is not None else {})} for n, s in stats.items()},
+                      **({"cos": s.cos.cpu()} if s.cos is not None else {}),
+                      **({"xtx": s.xtx.cpu()} if s.xtx is not None else {})} for n, s in stats.items()},
         "ref": {"ids": ref.ids.cpu(), "hidden": ref.hidden.cpu(), "gram": ref.gram.cpu(), "batch_size": ref.batch_size},
     }
 
@@ -47,6 +48,8 @@ def from_blob(blob: dict, device: torch.device) -> tuple[dict[str, ColumnStats],
         if "cos" in s:  # ACE's statistic, present when the study's metric asked for it
             st.cos = s["cos"].to(device)
             st.d_out, st.want_cos = st.cos.shape[0], True
+        if "xtx" in s:  # SparseGPT's, present when the study's metric is a solver
+            st.xtx, st.want_xtx = s["xtx"].to(device), True
         stats[name] = st
     r = blob["ref"]
     return stats, DenseReference(r["ids"], r["hidden"], r["gram"], int(r["batch_size"]))
