@@ -168,6 +168,12 @@ class SpaceConfig(Strict):
     max_sparsity: float = Field(0.95, gt=0.0, lt=1.0)
     kv_bits: bool = Field(False, description="also search per-layer KV-cache bits (kv_cache.bits_choices)")
     params: dict[str, Any] = Field(default_factory=dict, description="space-specific, e.g. owl: M_range, lam_range")
+    remove_layers: list[int] = Field(
+        [], description="also search how many decoder blocks a trial removes first (Prune&Comp, least influential "
+                        "first), e.g. [0, 1, 2, 3]; empty: not searched. pruning.sparsity then stays the share of ALL "
+                        "prunable weights of the full model: the removed blocks count as fully pruned and the kept "
+                        "ones share S' = (S N - R_k) / (N - R_k) (N all prunable weights, R_k those of the k removed "
+                        "blocks) by the space's allocation; achieved sparsity and its objectives are over the full model")
 
     @field_validator("name")
     @classmethod
@@ -176,6 +182,15 @@ class SpaceConfig(Strict):
 
         _as_value_error(lambda: SPACES.get(v))
         return v
+
+    @field_validator("remove_layers")
+    @classmethod
+    def _removal_choices(cls, v: list[int]) -> list[int]:
+        if any(k < 0 for k in v):
+            raise ValueError(f"block counts must be >= 0, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a block count is listed twice in {v}")
+        return sorted(v)
 
 
 class SearchConfig(Strict):
@@ -280,6 +295,19 @@ class StudyConfig(Strict):
             raise ValueError(f"the nsga3 sampler evolves a discrete space: set space.name to optishear (not {self.space.name})")
         if self.space.name != "optishear" and {"wanda", "ria"} & set(self.search.baselines):
             raise ValueError("the baselines wanda and ria name a metric: only the optishear space searches the metric")
+        if self.space.remove_layers:
+            if self.pruning.remove_layers:
+                raise ValueError("space.remove_layers searches how many blocks to remove: set pruning.remove_layers "
+                                 "to 0 (it removes a fixed number before the search)")
+            if self.space.kv_bits:
+                raise ValueError("space.remove_layers cannot be searched with space.kv_bits yet: KV bits are chosen per "
+                                 "layer of the full model, and which layers remain depends on the trial")
+            if self.search.sampler == "nsga3" or self.space.name == "optishear":
+                raise ValueError("space.remove_layers is searched by the tpe or random sampler over the blockwise or "
+                                 "owl space, not by nsga3 / the optishear space")
+            if self.pruning.structure not in ("", "unstructured"):
+                raise ValueError(f"space.remove_layers needs unstructured pruning: the budget left to the kept blocks, "
+                                 f"(S N - R_k) / (N - R_k), is in general not on the {self.pruning.structure} grid")
         if self.search.pruner == "median" and len(self.objectives) > 1:
             self.search.pruner = "none"  # Optuna prunes single-objective studies only
         return self

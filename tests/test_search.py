@@ -191,6 +191,14 @@ def test_bad_study_configs_are_one_line_errors(tmp_path, capsys, patch, message)
     assert [line for line in err.splitlines() if line.startswith("error:")] == [err.splitlines()[-1]]
 
 
+def test_a_mistake_found_when_the_worker_starts_is_a_one_line_error(tmp_path, capsys, ray_session):
+    """The worker finds it (the model path), not the config check: Ray hands back only the text
+    of the actor's failed start, and the user still gets one line."""
+    cfg = study_config(tmp_path, model={"name": str(tmp_path / "no-such-model")})
+    code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
+    assert code == 2 and "model path not found" in err and "Traceback" not in err, err
+
+
 def test_kv_bits_study_is_multi_objective_and_exports_the_knee(tmp_path, capsys, ray_session):
     cfg = study_config(tmp_path, trials=6, space={"kv_bits": True, "split_attn_mlp": True},
                        objectives=["frobenius", "kv_bytes"], kv_cache={"bits_choices": [16, 8, 4]})

@@ -9,10 +9,14 @@ projections of the earlier blocks) by one scalar ``s`` scales the whole stream u
 ``s`` and nothing else: the compensation costs nothing at inference time.
 
 Removal is iterative: influence is measured again on the already reduced model before each cut.
+A study that searches how many blocks to remove measures the order once (``remove_blocks`` up to
+the largest choice), then moves between choices with ``save_state`` / ``restore_state`` and
+``replay_removal``, which redoes the recorded cuts and folds without measuring.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +39,7 @@ class RemovalResult:
     scales: list[float]  # compensation scale per removal (1.0 when not compensating)
     influences: list[list[float]]  # per iteration: influence of every block still present ([] if not measured)
     timings: dict[str, float] = field(default_factory=dict)
+    compensated: bool = True  # whether the scales were folded (a replay folds them again)
 
 
 @dataclass
@@ -219,7 +224,7 @@ def remove_blocks(model: nn.Module, calib_ids: torch.Tensor, k: int, *, compensa
     if compensate:
         _residual_writers(model)  # refuse before touching anything
     origin = list(range(n_blocks))  # current position -> original index
-    result = RemovalResult([], [], [], {"influence": 0.0, "removal": 0.0})
+    result = RemovalResult([], [], [], {"influence": 0.0, "removal": 0.0}, compensated=compensate)
     for step in tqdm(range(k), desc="removing blocks", disable=not progress, leave=False):
         t0 = time.perf_counter()
         measure = compensate or blocks is None  # a forced, uncompensated cut needs no calibration pass
@@ -240,3 +245,78 @@ def remove_blocks(model: nn.Module, calib_ids: torch.Tensor, k: int, *, compensa
         result.timings["removal"] += time.perf_counter() - t1
     result.timings["total"] = time.perf_counter() - start
     return result
+
+
+# ---------------------------------------------------------------- replaying and undoing
+
+
+@torch.no_grad()
+def replay_removal(model: nn.Module, removal: RemovalResult, k: int) -> list[int]:
+    """Redo the first ``k`` cuts of ``removal`` on the full model without measuring: the same
+    folds and drops in the same order, so the model is exactly the one ``remove_blocks(k)``
+    gives (step i only depends on the model after step i - 1). Returns the removed indices."""
+    if not 0 <= k <= len(removal.removed):
+        raise UserError(f"cannot replay {k} removals: only {len(removal.removed)} were measured")
+    origin = list(range(len(decoder_blocks(model))))  # current position -> original index
+    for original, scale in zip(removal.removed[:k], removal.scales[:k]):
+        victim = origin.index(original)
+        if removal.compensated:
+            fold_scale(model, scale, victim)
+        drop_block(model, victim)
+        origin.pop(victim)
+    return list(removal.removed[:k])
+
+
+@dataclass
+class ModelState:
+    """What removing blocks and folding scales change in a model, kept to put it back exactly."""
+
+    blocks: list[nn.Module]
+    layer_idx: list[tuple[nn.Module, int]]
+    configs: list[tuple[object, dict]]  # (config object, the attributes drop_block / untie_lm_head set)
+    head: tuple[nn.Module, nn.Parameter] | None  # lm_head and its weight (the embedding's when tied)
+    tied_keys: object  # transformers 5's cached tie mapping, if the model has one
+    writers: list[tuple[torch.Tensor, torch.Tensor]]  # (live weight or bias, its saved copy)
+
+
+_CONFIG_ATTRS = ("num_hidden_layers", "n_layer", "layer_types", "tie_word_embeddings")
+
+
+@torch.no_grad()
+def save_state(model: nn.Module, compensate: bool = True) -> ModelState:
+    """Record the full model's blocks, indices, config and (with compensation) a copy of every
+    residual writer: the copies are what makes undoing the folds exact (dividing would round)."""
+    blocks = list(decoder_blocks(model))
+    layer_idx = [(m, m.layer_idx) for b in blocks for m in b.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    configs = [(cfg, {a: copy.copy(getattr(cfg, a)) for a in _CONFIG_ATTRS if hasattr(cfg, a)})
+               for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values()]
+    head = model.get_output_embeddings()
+    writers = []
+    if compensate:
+        embeddings, per_block = _residual_writers(model)
+        for module in embeddings + [m for block in per_block for m in block]:
+            for t in (module.weight, getattr(module, "bias", None)):
+                if t is not None:
+                    writers.append((t, t.detach().clone()))
+    return ModelState(blocks, layer_idx, configs, None if head is None else (head, head.weight),
+                      copy.copy(getattr(model, "all_tied_weights_keys", None)), writers)
+
+
+@torch.no_grad()
+def restore_state(model: nn.Module, state: ModelState) -> None:
+    """Put back what ``save_state`` recorded: every block in its place, the original layer
+    indices and config, the lm_head tie, and the writers' weights before any fold."""
+    blocks = decoder_blocks(model)
+    del blocks[:]
+    blocks.extend(state.blocks)
+    for module, idx in state.layer_idx:
+        module.layer_idx = idx
+    for cfg, attrs in state.configs:
+        for name, value in attrs.items():
+            setattr(cfg, name, copy.copy(value))
+    if state.head is not None and state.head[0].weight is not state.head[1]:
+        state.head[0].weight = state.head[1]
+    if state.tied_keys is not None:
+        model.all_tied_weights_keys = copy.copy(state.tied_keys)
+    for live, saved in state.writers:
+        live.copy_(saved)

@@ -184,6 +184,9 @@ class Dispatcher:
         trial.set_user_attr("worker", result.get("worker"))
         trial.set_user_attr("ratios", result["ratios"])
         trial.set_user_attr("achieved_sparsity", result["achieved"])
+        for name in ("removed_blocks", "kept_sparsity"):  # a searched block removal (space.remove_layers)
+            if name in result:
+                trial.set_user_attr(name, result[name])
         if result["pruned"]:
             study.tell(trial, state=TrialState.PRUNED)
             return Outcome(trial, tag, "pruned")

@@ -66,7 +66,8 @@ def make_study_space(cfg: StudyConfig, layout: ModelLayout):
     return make_space(cfg.space.name, layout, cfg.pruning.sparsity, min_sparsity=cfg.space.min_sparsity,
                       max_sparsity=cfg.space.max_sparsity, nm_m=nm.m if nm else None,
                       kv_bits=cfg.kv_cache.bits_choices if cfg.space.kv_bits else None,
-                      split_attn_mlp=cfg.space.split_attn_mlp, **cfg.space.params)
+                      split_attn_mlp=cfg.space.split_attn_mlp, remove_layers=cfg.space.remove_layers or None,
+                      **cfg.space.params)
 
 
 def enqueue_baselines(study: optuna.Study, cfg: StudyConfig, space, resolve) -> list[str]:

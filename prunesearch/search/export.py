@@ -3,7 +3,9 @@
 
 The exported config pins everything the trial's value depended on: the same model, the same
 calibration data (hence statistics and reconstruction prompts), the study metric in one-shot
-mode, the trial's per-block ratios as an explicit allocation, and its KV bits.
+mode, the trial's per-block ratios as an explicit allocation, and its KV bits. A trial that
+removed blocks exports how many (``prune`` removes the same ones: same text, same order) and the
+kept blocks' ratios; its ``sparsity`` is then the kept blocks' budget, as ``prune`` reads it.
 """
 
 from __future__ import annotations
@@ -99,6 +101,14 @@ def trial_candidate(cfg: StudyConfig, trial: FrozenTrial) -> Candidate:
     return Candidate(ratios=ratios, split=cfg.space.split_attn_mlp, kv_bits=kv, metric=trial.user_attrs.get("metric"))
 
 
+def removed_count(cfg: StudyConfig, trial: FrozenTrial) -> int:
+    """Blocks the trial removed: its own record when the study searched it, else the study's fixed number."""
+    removed = trial.user_attrs.get("removed_blocks")
+    if removed is None and cfg.space.remove_layers:
+        raise UserError(f"trial {trial.number} does not record which blocks it removed (not evaluated by prunesearch)")
+    return cfg.pruning.remove_layers if removed is None else len(removed)
+
+
 def prune_config(cfg: StudyConfig, trial: FrozenTrial) -> dict[str, Any]:
     cand = trial_candidate(cfg, trial)
     if cand.split:
@@ -111,12 +121,12 @@ def prune_config(cfg: StudyConfig, trial: FrozenTrial) -> dict[str, Any]:
         "evaluation": cfg.evaluation.model_dump(mode="json") if cfg.evaluation else None,
         "pruning": {
             "metric": cand.metric or cfg.pruning.metric,
-            "sparsity": cfg.pruning.sparsity,
+            "sparsity": trial.user_attrs.get("kept_sparsity", cfg.pruning.sparsity),
             "allocation": {"name": "explicit", "params": {"sparsities": sparsities}},
             "structure": cfg.pruning.structure,
             "group": cfg.pruning.group,
             "mode": "one_shot",
-            "remove_layers": cfg.pruning.remove_layers,
+            "remove_layers": removed_count(cfg, trial),
             "compensate": cfg.pruning.compensate,
         },
         "reconstruction_samples": cfg.reconstruction_samples,

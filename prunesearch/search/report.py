@@ -52,6 +52,15 @@ def history_plot(study: optuna.Study, out: Path) -> Path:
     return _save(fig, out / "history.png")
 
 
+def units_on_full_model(ratios: list[float], removed: list[int], split: bool) -> tuple[list[int], list[int]]:
+    """x positions of a trial's ratios on the full model's units, and the units it removed: a
+    trial of a study that searches block removal reports only its kept units' ratios."""
+    per = 2 if split else 1
+    gone = sorted(u for b in removed for u in range(b * per, b * per + per))
+    kept = [u for u in range(len(ratios) + len(gone)) if u not in set(gone)]
+    return kept, gone
+
+
 def sparsity_plot(study: optuna.Study, out: Path) -> Path | None:
     plt = _plt()
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -63,11 +72,14 @@ def sparsity_plot(study: optuna.Study, out: Path) -> Path | None:
         name = t.user_attrs.get("baseline")
         if name and all(name not in label for label, _ in lines):
             lines.append((name, t))
+    split = (study.user_attrs.get("config") or {}).get("space", {}).get("split_attn_mlp")
     fig, ax = plt.subplots(figsize=(9, 3.8))
     for label, t in lines:
         ratios = t.user_attrs.get("ratios") or []
-        ax.plot(range(len(ratios)), ratios, marker="o", ms=3, label=label)
-    split = (study.user_attrs.get("config") or {}).get("space", {}).get("split_attn_mlp")
+        kept, gone = units_on_full_model(ratios, t.user_attrs.get("removed_blocks") or [], bool(split))
+        line, = ax.plot(kept, ratios, marker="o", ms=3, label=label + (f", {len(gone) // (2 if split else 1)} removed" if gone else ""))
+        if gone:
+            ax.plot(gone, [1.0] * len(gone), "x", color=line.get_color(), ms=7)
     ax.set_xlabel("unit (attention, MLP of each block)" if split else "decoder block")
     ax.set_ylabel("sparsity")
     ax.set_title("per-layer sparsity")

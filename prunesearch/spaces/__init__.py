@@ -2,8 +2,9 @@
 
 from prunesearch.spaces.candidate import Candidate
 from prunesearch.spaces.layout import ModelLayout, unit_of
-from prunesearch.spaces.spaces import SPACES, BlockwiseSpace, OwlSpace, SearchSpace, make_space
+from prunesearch.spaces.spaces import (REMOVAL_PARAM, SPACES, BlockwiseSpace, OwlSpace, SearchSpace, check_removal_choices,
+                                      kept_target, make_space)
 from prunesearch.spaces.optishear import Gene, OptiShearSpace  # registers "optishear"
 
-__all__ = ["SPACES", "BlockwiseSpace", "Candidate", "Gene", "ModelLayout", "OptiShearSpace", "OwlSpace", "SearchSpace",
-           "make_space", "unit_of"]
+__all__ = ["REMOVAL_PARAM", "SPACES", "BlockwiseSpace", "Candidate", "Gene", "ModelLayout", "OptiShearSpace", "OwlSpace",
+           "SearchSpace", "check_removal_choices", "kept_target", "make_space", "unit_of"]

@@ -3,6 +3,10 @@
 Sparsity comes either as explicit per-unit ratios (a unit is a decoder block, or a block's
 attention or MLP part when they are split) or as an allocation spec (e.g. OWL with searched M
 and lambda) that the worker resolves with its calibration statistics.
+
+When the study searches how many blocks to remove (``removed`` is set), the worker drops those
+blocks first; the ratios are then the trial's raw ratios for every unit of the full model, and
+the worker projects the kept units' ratios onto the budget that is left for them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ class Candidate:
     allocation: dict[str, Any] | None = None  # {"name": "owl", "params": {...}} when ratios is None
     kv_bits: list[int] | None = None  # per decoder layer
     metric: str | None = None  # None: the study's metric
+    removed: int | None = None  # blocks to remove first (Prune&Comp order); None: the study does not search it
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -25,4 +30,5 @@ class Candidate:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Candidate":
+        """Also reads candidates written before a field existed (it keeps its default)."""
         return cls(**data)

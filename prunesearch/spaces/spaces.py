@@ -2,6 +2,10 @@
 
 The inverse (``encode``) is what lets a study start from baselines: uniform and OWL are
 enqueued as ordinary trials, so whatever the sampler finds has to beat them on the record.
+
+A space may also search how many decoder blocks a trial removes (Prune&Comp, parameter
+``remove_layers``). The budget stays the share of all prunable weights of the full model: the
+removed blocks count as fully pruned and the kept ones share what is left (``kept_target``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from prunesearch.spaces.candidate import Candidate
 from prunesearch.spaces.layout import ModelLayout
 
 SPACES = Registry("search space")
+REMOVAL_PARAM = "remove_layers"  # the trial parameter: how many blocks the trial removes
 
 # resolves an allocation spec ({"name", "params"}) to per-block ratios on a worker
 Resolver = Callable[[dict], list[float]]
@@ -25,7 +30,8 @@ Resolver = Callable[[dict], list[float]]
 
 class SearchSpace(ABC):
     def __init__(self, layout: ModelLayout, target: float, *, min_sparsity: float = 0.0, max_sparsity: float = 0.95,
-                 nm_m: int | None = None, kv_bits: list[int] | None = None, split_attn_mlp: bool = False):
+                 nm_m: int | None = None, kv_bits: list[int] | None = None, split_attn_mlp: bool = False,
+                 remove_layers: list[int] | None = None):
         if not min_sparsity <= target <= max_sparsity:
             raise UserError(f"impossible budget: target sparsity {target} lies outside [{min_sparsity}, {max_sparsity}]")
         self.layout, self.target = layout, target
@@ -33,6 +39,17 @@ class SearchSpace(ABC):
         self.nm_m = nm_m
         self.kv_bits = sorted(set(kv_bits), reverse=True) if kv_bits else None
         self.split = split_attn_mlp
+        self.removal = sorted(set(remove_layers)) if remove_layers else None
+        if self.removal:
+            check_removal_choices(self.removal, layout, target, min_sparsity)
+
+    # --- blocks removed, shared by every space that searches it ---
+    def suggest_removal(self, trial: optuna.Trial) -> int | None:
+        return trial.suggest_categorical(REMOVAL_PARAM, self.removal) if self.removal else None
+
+    def encode_removal(self) -> dict[str, int]:
+        """Baselines remove the fewest blocks the study allows (none, when 0 is a choice)."""
+        return {REMOVAL_PARAM: self.removal[0]} if self.removal else {}
 
     # --- KV bits, shared by every space ---
     def _kv_name(self, i: int) -> str:
@@ -79,12 +96,15 @@ class BlockwiseSpace(SearchSpace):
 
     def suggest(self, trial: optuna.Trial) -> Candidate:
         raw = [trial.suggest_float(n, self.lo, self.hi) for n in self.unit_names()]
-        return Candidate(ratios=self.on_budget(raw), split=self.split, kv_bits=self.suggest_kv(trial))
+        removed = self.suggest_removal(trial)
+        # with removal searched, only the worker knows which blocks go: it projects the kept ones
+        ratios = raw if removed is not None else self.on_budget(raw)
+        return Candidate(ratios=ratios, split=self.split, kv_bits=self.suggest_kv(trial), removed=removed)
 
     def encode(self, allocation: dict, kv_bits: list[int] | None, resolve: Resolver) -> dict[str, Any]:
         units = self.block_to_units(resolve(allocation))
         params = {n: min(self.hi, max(self.lo, r)) for n, r in zip(self.unit_names(), units)}
-        return params | self.encode_kv(kv_bits)
+        return params | self.encode_kv(kv_bits) | self.encode_removal()
 
 
 @SPACES.register("owl")
@@ -102,17 +122,43 @@ class OwlSpace(SearchSpace):
         M = trial.suggest_float("M", *self.M_range)
         lam = trial.suggest_float("lam", *self.lam_range)
         alloc = {"name": "owl", "params": {"M": M, "lam": lam}}
-        return Candidate(allocation=alloc, kv_bits=self.suggest_kv(trial))
+        return Candidate(allocation=alloc, kv_bits=self.suggest_kv(trial), removed=self.suggest_removal(trial))
 
     def encode(self, allocation: dict, kv_bits: list[int] | None, resolve: Resolver) -> dict[str, Any]:
         name, params = allocation["name"], allocation.get("params", {})
-        if name == "uniform":
-            return {"M": self.M_range[0], "lam": 0.0} | self.encode_kv(kv_bits)  # lambda 0 is uniform
+        if name == "uniform":  # lambda 0 is uniform
+            return {"M": self.M_range[0], "lam": 0.0} | self.encode_kv(kv_bits) | self.encode_removal()
         if name == "owl":
             M = min(self.M_range[1], max(self.M_range[0], params.get("M", 5.0)))
             lam = min(self.lam_range[1], max(self.lam_range[0], params.get("lam", 0.08)))
-            return {"M": M, "lam": lam} | self.encode_kv(kv_bits)
+            return {"M": M, "lam": lam} | self.encode_kv(kv_bits) | self.encode_removal()
         raise UserError(f"the owl space cannot express the baseline '{name}'")
+
+
+def kept_target(target: float, total: int, removed: int) -> float:
+    """S'_k = (S N - R_k) / (N - R_k): the sparsity the kept blocks need so that the full model
+    (``total`` = N prunable weights, the ``removed`` R_k counted as pruned) meets ``target``."""
+    if not removed:
+        return target  # exactly: no rounding for the trials that remove nothing
+    return (target * total - removed) / (total - removed)
+
+
+def check_removal_choices(choices: list[int], layout: ModelLayout, target: float, min_sparsity: float = 0.0) -> None:
+    """Refuse, before any trial, a number of blocks that no trial could remove within the budget.
+    Which blocks go is only known on the worker, so the largest blocks are the worst case."""
+    sizes = sorted(layout.unit_sizes(False), reverse=True)
+    for k in choices:
+        if k >= layout.n_blocks:
+            raise UserError(f"space.remove_layers: cannot remove {k} of the model's {layout.n_blocks} decoder blocks "
+                            f"(at least one must remain)")
+        removed = sum(sizes[:k])
+        left = kept_target(target, layout.total, removed)
+        if left < min_sparsity - 1e-9:
+            blocks = f"{k} block{'s' if k > 1 else ''}"
+            share = f"removing {blocks} takes away up to {removed / layout.total:.1%} of the prunable weights"
+            why = (f"more than pruning.sparsity {target}" if left < 0 else
+                   f"which leaves the kept blocks {left:.3f}, below space.min_sparsity {min_sparsity}")
+            raise UserError(f"space.remove_layers: {share}, {why}: drop the choices from {k} up")
 
 
 def make_space(name: str, layout: ModelLayout, target: float, **kwargs) -> SearchSpace:

@@ -58,10 +58,18 @@ def actor_count(w: WorkersConfig) -> int:
 
 
 def _user_error_of(exc: Exception) -> UserError | None:
+    """The user's mistake behind a Ray error, if that is what it was. An actor whose __init__
+    raised comes back as ActorDiedError holding only the creation task's text, so the message is
+    taken from there."""
     import ray
 
     cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else (exc.__cause__ or exc)
-    return cause if isinstance(cause, UserError) else None
+    if isinstance(cause, UserError):
+        return cause
+    marker = f"{UserError.__module__}.{UserError.__qualname__}: "
+    if getattr(exc, "actor_init_failed", False) and marker in str(exc):
+        return UserError(str(exc).split(marker, 1)[1].strip())
+    return None
 
 
 class EvaluatorPool:
