@@ -118,7 +118,7 @@ def test_evaluator_meets_the_full_models_budget_for_every_k_and_switches_exactly
     assert first["kept_sparsity"] == pytest.approx(0.5)
 
     one = ev.evaluate(Candidate(ratios=raw, removed=1))
-    gone = ev.removal.removed[0]
+    gone = ev.searched.removal.removed[0]
     assert one["removed_blocks"] == [gone] and len(decoder_blocks(ev.model)) == 2
     assert one["achieved"] == pytest.approx(0.5, abs=0.01)  # the removed block counts as pruned
     assert one["kept_sparsity"] == pytest.approx((0.5 * 3 - 1) / 2)  # SmolLM2's blocks are all the same size

@@ -6,10 +6,8 @@ the study metric's scores. A trial is then: masks by comparison over the kept de
 KV quantization switched on for the candidate's bits, one decoder pass over the
 reconstruction prompts (the Gram trick spares the lm_head), and perplexity only if asked.
 
-A study that searches how many blocks to remove (``space.remove_layers``) measures the removal
-order once; a trial with another k than the last one first puts the model back exactly as it
-was (``restore_state``), replays the first k cuts, and builds the masker over the kept linears
-with the statistics of that reduced model (collected once per k).
+A study that searches how many blocks to remove (``space.remove_layers``) also switches the
+model between k values (searched_removal.py).
 """
 
 from __future__ import annotations
@@ -30,31 +28,15 @@ from prunesearch.objectives.registry import objective
 from prunesearch.prune_job import kv_context, kv_report, load_texts
 from prunesearch.pruning import metrics
 from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
-from prunesearch.pruning.budget import project_to_budget
 from prunesearch.pruning.engine import PruneSpec, collect_stats, resolve_group
 from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.masks import parse_structure
-from prunesearch.spaces import Candidate, ModelLayout, check_removal_choices, kept_target, unit_of
+from prunesearch.spaces import Candidate, ModelLayout, unit_of
 from prunesearch.spaces.spaces import SearchSpace
 from prunesearch.workers.dense_cache import dense_key, from_blob, load_dense, save_dense, to_blob
+from prunesearch.workers.searched_removal import SearchedRemoval
 
 OnBatch = Callable[[int, float], bool]
-
-
-class ReusedRanksMasker(FastMasker):
-    """A FastMasker that may start from ranks computed before for the same dense weights and
-    statistics (a k this worker had before): ranking is most of what a switch of k costs on a
-    CPU, so each k is ranked once."""
-
-    def __init__(self, linears, stats, metric: str, group: str = "row", nm=None, ranks: dict | None = None):
-        self._reuse = ranks
-        super().__init__(linears, stats, metric, group, nm)
-
-    def rerank(self, metric: str) -> None:
-        if self._reuse is None:
-            return super().rerank(metric)
-        device = self.linears[0].weight.device
-        self.metric, self.ranks, self._reuse = metric, {n: r.to(device) for n, r in self._reuse.items()}, None
 
 
 class Evaluator:
@@ -70,7 +52,7 @@ class Evaluator:
         self.device = next(self.model.parameters()).device
         calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation, model=self.model)
         self.held_out = held_out if "perplexity" in self.cfg.objectives else None
-        self.removal = None
+        self.fixed_removal = None  # what pruning.remove_layers removed before the search, if anything
         self.stats, self.ref = self._dense_side(calib, dense)  # removes blocks first when the study says so
         self.dense_stats = self.stats  # what dense_payload shares, whatever k the model is at
         self.linears = prunable_linears(self.model)
@@ -80,10 +62,9 @@ class Evaluator:
         self.spec = PruneSpec(p.metric, p.sparsity, "uniform", p.structure, p.group, "one_shot")
         self.nm = parse_structure(p.structure)
         self.masker = FastMasker(self.linears, self.stats, p.metric, resolve_group(self.spec), self.nm)
-        self.k: int | None = None  # blocks removed now; None: the study does not search it
+        self.searched = None  # a study that searches how many blocks to remove
         if self.cfg.space.remove_layers:
-            self.k, self.calib, self.switch_s = 0, calib, 0.0
-            self.stats_by_k, self.ranks_by_k = {0: self.stats}, {}  # ranks in host memory: a GPU holds only the current k's
+            self.searched = SearchedRemoval(self.model, calib, self.cfg, self.layout, self.stats, self.masker.group, self.nm)
         self.startup_s = time.perf_counter() - t0
 
     def _dense_side(self, calib: torch.Tensor, shared: dict | None):
@@ -107,7 +88,7 @@ class Evaluator:
 
             if ref is None:
                 ref = DenseReference.compute(self.model, calib[: c.reconstruction_samples], bs)
-            self.removal = remove_blocks(self.model, calib, p.remove_layers, compensate=p.compensate, batch_size=bs)
+            self.fixed_removal = remove_blocks(self.model, calib, p.remove_layers, compensate=p.compensate, batch_size=bs)
         if got is not None:
             return got
         stats = collect_stats(self.model, prunable_linears(self.model), calib, bs, metric=p.metric)
@@ -120,83 +101,18 @@ class Evaluator:
         return {"key": self.dense_key, "blob": to_blob(self.dense_stats, self.ref)}
 
     # ------------------------------------------------------------------ blocks removed per trial
-    def _measure_removal(self) -> None:
-        """Measure the removal order once, up to the largest choice, on the full model, then put
-        it back: every k is a prefix of that order (the same text and blocks give the same cuts).
-        Done at the first trial that removes blocks, so the driver can refuse impossible choices
-        (it knows the layout once the workers are up) before this costs anything."""
-        from prunesearch.pruning.layer_removal import remove_blocks, restore_state, save_state
-
-        p, choices = self.cfg.pruning, self.cfg.space.remove_layers
-        check_removal_choices(choices, self.layout, p.sparsity, self.cfg.space.min_sparsity)
-        self.pristine = save_state(self.model, p.compensate)
-        try:
-            self.removal = remove_blocks(self.model, self.calib, max(choices), compensate=p.compensate,
-                                         batch_size=self.cfg.calibration.batch_size)
-        finally:
-            restore_state(self.model, self.pristine)
+    @property
+    def k(self) -> int | None:
+        """Blocks removed now; None: the study does not search it."""
+        return self.searched.k if self.searched else None
 
     def use_removed(self, k: int) -> None:
-        """Put the model in the state of a trial that removes ``k`` blocks: restore the full model
-        exactly (masks, folds, blocks, config, lm_head tie), replay the first k cuts, and mask
-        over the kept linears with the reduced model's statistics (each k measured and ranked once)."""
-        if k == self.k:
-            return
-        if self.k is None or (k and k not in self.cfg.space.remove_layers):
-            raise UserError(f"this study cannot remove {k} blocks (space.remove_layers: {self.cfg.space.remove_layers})")
-        from prunesearch.pruning.layer_removal import replay_removal, restore_state
-
-        t0 = time.perf_counter()
-        if self.masker is not None:
-            self.ranks_by_k.setdefault(self.k, {name: r.cpu() for name, r in self.masker.ranks.items()})
-            self.masker.restore()
-        self.masker, self.k = None, -1  # a failure below leaves a state that the next switch rebuilds
-        if k and self.removal is None:
-            self._measure_removal()
-        if self.removal is not None:  # else the model never left the full state: only masks changed
-            restore_state(self.model, self.pristine)
-            replay_removal(self.model, self.removal, k)
-        self.linears = prunable_linears(self.model)
-        self.blocks = linears_by_block(self.linears)
-        if k not in self.stats_by_k:
-            self.stats_by_k[k] = collect_stats(self.model, self.linears, self.calib, self.cfg.calibration.batch_size,
-                                               metric=self.cfg.pruning.metric)
-        self.stats = self.stats_by_k[k]
-        self.masker = ReusedRanksMasker(self.linears, self.stats, self.cfg.pruning.metric, resolve_group(self.spec),
-                                        self.nm, ranks=self.ranks_by_k.get(k))
-        self.k, self.switch_s = k, time.perf_counter() - t0
-
-    @property
-    def removed_blocks(self) -> list[int]:
-        """Original indices of the blocks removed now, in removal order."""
-        return list(self.removal.removed[: self.k]) if self.k and self.k > 0 else []
-
-    def _removed_weights(self) -> int:
-        sizes = self.layout.unit_sizes(False)
-        return sum(sizes[b] for b in self.removed_blocks)
-
-    def kept_sparsity(self) -> float:
-        """The budget of the kept blocks: the full model's, with the removed blocks counted as pruned
-        (launch refused anything below the space's minimum; the clamp only absorbs rounding)."""
-        s = self.cfg.space
-        left = kept_target(self.cfg.pruning.sparsity, self.layout.total, self._removed_weights())
-        return min(s.max_sparsity, max(s.min_sparsity, left))
-
-    def _kept_ratios(self, cand: Candidate) -> list[float]:
-        """Per-unit ratios of the kept blocks at their budget: the trial's raw ratios of those
-        units projected onto it, or the candidate's allocation resolved over the kept blocks."""
-        target = self.kept_sparsity()
-        if cand.ratios is None:
-            ratios = self._resolve(cand.allocation, target)
-            return [r for r in ratios for _ in range(2)] if cand.split else ratios
-        sizes = self.layout.unit_sizes(cand.split)
-        if len(cand.ratios) != len(sizes):
-            raise UserError(f"candidate has {len(cand.ratios)} ratios, the full model has {len(sizes)} units")
-        gone = set(self.removed_blocks)
-        kept = [u for u in range(len(sizes)) if (u // 2 if cand.split else u) not in gone]
-        s = self.cfg.space
-        return project_to_budget([cand.ratios[u] for u in kept], [sizes[u] for u in kept], target,
-                                 s.min_sparsity, s.max_sparsity)
+        """Switch the model (and linears, statistics, masker) to a trial that removes ``k`` blocks."""
+        if self.searched is None:
+            raise UserError("the candidate removes blocks, but this study does not search space.remove_layers")
+        if k != self.searched.k:
+            self.linears, self.stats, self.masker = self.searched.switch(k, self.masker)
+            self.blocks = linears_by_block(self.linears)
 
     # ------------------------------------------------------------------ candidates -> masks
     def resolve(self, allocation: dict) -> list[float]:
@@ -213,8 +129,8 @@ class Evaluator:
         return entry.fn(ctx, target, **params)
 
     def unit_ratios(self, cand: Candidate, space: SearchSpace | None = None) -> list[float]:
-        if self.k is not None:
-            return self._kept_ratios(cand)
+        if self.searched:
+            return self.searched.kept_ratios(cand, self._resolve)
         if cand.ratios is not None:
             return list(cand.ratios)
         ratios = self.resolve(cand.allocation)
@@ -227,18 +143,16 @@ class Evaluator:
     def apply(self, cand: Candidate) -> tuple[list[float], float]:
         """Mask the model for ``cand``; returns the per-unit ratios and the achieved sparsity (with
         removal searched: over the full model, the removed blocks counted as pruned)."""
-        if self.k is not None:
+        if self.searched or cand.removed:
             self.use_removed(cand.removed or 0)
-        elif cand.removed:
-            raise UserError("the candidate removes blocks, but this study does not search space.remove_layers")
         ratios = self.unit_ratios(cand)
         expected = 2 * len(self.blocks) if cand.split else len(self.blocks)
         if len(ratios) != expected:
             raise UserError(f"candidate has {len(ratios)} ratios, the model has {expected} units")
         per_linear = {l.name: ratios[unit_of(l, cand.split)] for l in self.linears}
         masked = self.masker.apply(per_linear, cand.metric)
-        if self.k is not None:
-            return ratios, (masked + self._removed_weights()) / self.layout.total
+        if self.searched:
+            return ratios, (masked + self.searched.removed_weights()) / self.layout.total
         return ratios, masked / self.layout.total
 
     def kv_settings(self, cand: Candidate) -> KVCacheConfig:
@@ -254,7 +168,7 @@ class Evaluator:
         k_before = self.k
         ratios, achieved = self.apply(cand)
         t_mask = time.perf_counter() - t0
-        removal = self._removal_record()
+        removal = self.searched.record() if self.searched else {}
         names = self.cfg.objectives
         values: dict[str, float] = {}
         primary = names[0]
@@ -283,13 +197,6 @@ class Evaluator:
             "achieved": achieved,
             "metric": cand.metric or self.cfg.pruning.metric,
             "timings": {"mask_s": t_mask, "total_s": time.perf_counter() - t0,
-                        **({"switch_s": self.switch_s} if self.k != k_before else {})},  # mask_s includes it
+                        **({"switch_s": self.searched.switch_s} if self.k != k_before else {})},  # mask_s includes it
             **removal,
         }
-
-    def _removal_record(self) -> dict:
-        """What a trial of a study that searches removal reports beyond its values: the original
-        blocks it removed and the budget its kept blocks shared (the ratios are theirs)."""
-        if self.k is None:
-            return {}
-        return {"removed_blocks": self.removed_blocks, "kept_sparsity": self.kept_sparsity()}

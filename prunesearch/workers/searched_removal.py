@@ -1,0 +1,137 @@
+"""A worker's side of a study that searches how many decoder blocks a trial removes
+(``space.remove_layers``, Prune&Comp).
+
+The removal order is measured once, up to the largest choice: every k is a prefix of the
+iterative order (same text, same blocks). A trial with another k than the last one puts the
+model back exactly (``restore_state``), replays the first k cuts and folds, and masks over the
+kept linears with the statistics of that reduced model, collected and ranked once per k.
+The budget stays the full model's: the removed blocks count as pruned, the kept ones share
+``kept_target`` (spaces.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from prunesearch.config import StudyConfig
+from prunesearch.errors import UserError
+from prunesearch.models import prunable_linears
+from prunesearch.models.families import PrunableLinear
+from prunesearch.pruning.budget import project_to_budget
+from prunesearch.pruning.engine import collect_stats
+from prunesearch.pruning.fastmask import FastMasker
+from prunesearch.pruning.masks import NM
+from prunesearch.pruning.stats import ColumnStats
+from prunesearch.spaces import Candidate, ModelLayout, check_removal_choices, kept_target
+
+
+class ReusedRanksMasker(FastMasker):
+    """A FastMasker that may start from ranks computed before for the same dense weights and
+    statistics (a k this worker had before): ranking is most of what a switch of k costs on a
+    CPU, so each k is ranked once."""
+
+    def __init__(self, linears, stats, metric: str, group: str = "row", nm=None, ranks: dict | None = None):
+        self._reuse = ranks
+        super().__init__(linears, stats, metric, group, nm)
+
+    def rerank(self, metric: str) -> None:
+        if self._reuse is None:
+            return super().rerank(metric)
+        device = self.linears[0].weight.device
+        self.metric, self.ranks, self._reuse = metric, {n: r.to(device) for n, r in self._reuse.items()}, None
+
+
+class SearchedRemoval:
+    """Which k the model is at, and how to get to another one."""
+
+    def __init__(self, model: torch.nn.Module, calib: torch.Tensor, cfg: StudyConfig, layout: ModelLayout,
+                 full_stats: dict[str, ColumnStats], group: str, nm: NM | None):
+        self.model, self.calib, self.cfg, self.layout = model, calib, cfg, layout
+        self.group, self.nm = group, nm
+        self.k, self.switch_s = 0, 0.0
+        self.removal = None  # the measured order (RemovalResult), at the first trial with k > 0
+        self.pristine = None
+        self.stats_by_k = {0: full_stats}
+        self.ranks_by_k: dict[int, dict] = {}  # in host memory: a GPU holds only the current k's
+
+    def _measure(self) -> None:
+        """Measure the order once, up to the largest choice, on the full model, then put it back.
+        Done at the first trial that removes blocks, so the driver can refuse impossible choices
+        (it knows the layout once the workers are up) before this costs anything."""
+        from prunesearch.pruning.layer_removal import remove_blocks, restore_state, save_state
+
+        p, choices = self.cfg.pruning, self.cfg.space.remove_layers
+        check_removal_choices(choices, self.layout, p.sparsity, self.cfg.space.min_sparsity)
+        self.pristine = save_state(self.model, p.compensate)
+        try:
+            self.removal = remove_blocks(self.model, self.calib, max(choices), compensate=p.compensate,
+                                         batch_size=self.cfg.calibration.batch_size)
+        finally:
+            restore_state(self.model, self.pristine)
+
+    def switch(self, k: int, masker: FastMasker | None) -> tuple[list[PrunableLinear], dict[str, ColumnStats], FastMasker]:
+        """Put the model in the state of a trial that removes ``k`` blocks (from whatever ``masker``
+        left): restore the full model exactly (masks, folds, blocks, config, lm_head tie), replay
+        the first k cuts; returns the kept linears, their statistics and a masker over them."""
+        if k and k not in self.cfg.space.remove_layers:
+            raise UserError(f"this study cannot remove {k} blocks (space.remove_layers: {self.cfg.space.remove_layers})")
+        from prunesearch.pruning.layer_removal import replay_removal, restore_state
+
+        t0 = time.perf_counter()
+        if masker is not None and self.k >= 0:
+            self.ranks_by_k.setdefault(self.k, {name: r.cpu() for name, r in masker.ranks.items()})
+            masker.restore()
+        self.k = -1  # a failure below leaves a state that the next switch rebuilds
+        if k and self.removal is None:
+            self._measure()
+        if self.removal is not None:  # else the model never left the full state: only masks changed
+            restore_state(self.model, self.pristine)
+            replay_removal(self.model, self.removal, k)
+        linears = prunable_linears(self.model)
+        if k not in self.stats_by_k:
+            self.stats_by_k[k] = collect_stats(self.model, linears, self.calib, self.cfg.calibration.batch_size,
+                                               metric=self.cfg.pruning.metric)
+        stats = self.stats_by_k[k]
+        masker = ReusedRanksMasker(linears, stats, self.cfg.pruning.metric, self.group, self.nm, ranks=self.ranks_by_k.get(k))
+        self.k, self.switch_s = k, time.perf_counter() - t0
+        return linears, stats, masker
+
+    @property
+    def removed_blocks(self) -> list[int]:
+        """Original indices of the blocks removed now, in removal order."""
+        return list(self.removal.removed[: self.k]) if self.k > 0 else []
+
+    def removed_weights(self) -> int:
+        sizes = self.layout.unit_sizes(False)
+        return sum(sizes[b] for b in self.removed_blocks)
+
+    def kept_sparsity(self) -> float:
+        """The budget of the kept blocks: the full model's, with the removed blocks counted as pruned
+        (launch refused anything below the space's minimum; the clamp only absorbs rounding)."""
+        s = self.cfg.space
+        left = kept_target(self.cfg.pruning.sparsity, self.layout.total, self.removed_weights())
+        return min(s.max_sparsity, max(s.min_sparsity, left))
+
+    def kept_ratios(self, cand: Candidate, resolve: Callable[[dict, float], list[float]]) -> list[float]:
+        """Per-unit ratios of the kept blocks at their budget: the trial's raw ratios of those
+        units projected onto it, or the candidate's allocation resolved over the kept blocks."""
+        target = self.kept_sparsity()
+        if cand.ratios is None:
+            ratios = resolve(cand.allocation, target)
+            return [r for r in ratios for _ in range(2)] if cand.split else ratios
+        sizes = self.layout.unit_sizes(cand.split)
+        if len(cand.ratios) != len(sizes):
+            raise UserError(f"candidate has {len(cand.ratios)} ratios, the full model has {len(sizes)} units")
+        gone = set(self.removed_blocks)
+        kept = [u for u in range(len(sizes)) if (u // 2 if cand.split else u) not in gone]
+        s = self.cfg.space
+        return project_to_budget([cand.ratios[u] for u in kept], [sizes[u] for u in kept], target,
+                                 s.min_sparsity, s.max_sparsity)
+
+    def record(self) -> dict:
+        """What a trial reports beyond its values: the original blocks it removed and the budget
+        its kept blocks shared (its ratios are theirs)."""
+        return {"removed_blocks": self.removed_blocks, "kept_sparsity": self.kept_sparsity()}
