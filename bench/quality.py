@@ -56,15 +56,15 @@ def main() -> None:
     def calibrations():
         """(label, stats, seconds) per calibration, made one at a time (the cosine statistic is as
         large as the model)."""
-        if not args.calib_lens:
-            yield None, stats, 0.0  # the set-up's 32 x 256, seed 0
+        extras = any(any(metric_registry.stats_extras(m).values()) for m in args.metrics)
+        if not args.calib_lens:  # the set-up's 32 x 256, seed 0 (again with ACE's / SparseGPT's extras)
+            yield None, collect_stats(model, linears, calib, 8, metric=args.metrics) if extras else stats, 0.0
             return
-        want_cos = any(metric_registry.stats_extras(m)["want_cos"] for m in args.metrics)
         for length in args.calib_lens:
             for seed in args.seeds:
                 ids = token_sequences(lm.tokenizer, "wikipedia", n_samples=32, seq_len=length, seed=seed, split="calibration")
                 t = time.perf_counter()
-                st = collect_stats(model, linears, ids, 8, metric="cosp" if want_cos else None)
+                st = collect_stats(model, linears, ids, 8, metric=args.metrics)
                 yield f"32x{length} s{seed}", st, time.perf_counter() - t
 
     head = "| metric | allocation | sparsity |" + (" calibration | calib s |" if args.calib_lens else "")

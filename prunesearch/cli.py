@@ -339,9 +339,14 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     write_yaml(out, data, header)
     info = st.user_attrs.get("model_info", {})
-    recipe = llmcompressor_recipe(cfg, trial, info.get("block_class", "LlamaDecoderLayer"), info.get("linear_names", []))
-    write_yaml(recipe_path, recipe, f"# llm-compressor recipe for study {study}, trial {trial.number}")
-    Console().print(f"trial {trial.number} ({values}) -> {out} and {recipe_path}", highlight=False)
+    if trial.user_attrs.get("removed_blocks") or cfg.pruning.remove_layers:
+        # llm-compressor has no block removal: its recipe would prune the wrong (full model's) blocks
+        Console().print(f"trial {trial.number} ({values}) -> {out} (no llm-compressor recipe: the trial removes "
+                        "decoder blocks, which a recipe cannot express)", highlight=False)
+    else:
+        recipe = llmcompressor_recipe(cfg, trial, info.get("block_class", "LlamaDecoderLayer"), info.get("linear_names", []))
+        write_yaml(recipe_path, recipe, f"# llm-compressor recipe for study {study}, trial {trial.number}")
+        Console().print(f"trial {trial.number} ({values}) -> {out} and {recipe_path}", highlight=False)
     if apply is not None:
         from prunesearch.prune_job import run_prune
 

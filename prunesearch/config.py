@@ -65,7 +65,16 @@ class PruningConfig(Strict):
     remove_layers: int = Field(0, ge=0, description="Prune&Comp: remove this many decoder blocks (least influential "
                                                     "first, iteratively) before pruning the rest to `sparsity`")
     compensate: bool = Field(True, description="Prune&Comp: fold the magnitude-compensation scale into the residual writers")
+    remove_blocks: list[int] | None = Field(None, description="Prune&Comp: which blocks (original indices, in removal "
+                                                              "order) remove_layers removes; default: measured. An export "
+                                                              "pins the blocks its trial removed")
     max_sparsity: float = Field(0.95, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _pinned_blocks(self):
+        if self.remove_blocks is not None and len(self.remove_blocks) != self.remove_layers:
+            raise ValueError(f"remove_blocks lists {len(self.remove_blocks)} blocks but remove_layers is {self.remove_layers}")
+        return self
 
     @field_validator("metric")
     @classmethod

@@ -112,7 +112,7 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         from prunesearch.pruning.layer_removal import remove_blocks
 
         removal = remove_blocks(model, calib, cfg.pruning.remove_layers, compensate=cfg.pruning.compensate,
-                                batch_size=cfg.calibration.batch_size, progress=progress)
+                                batch_size=cfg.calibration.batch_size, progress=progress, blocks=cfg.pruning.remove_blocks)
         timings["remove_layers"] = removal.timings.get("total", 0.0)
     result = prune_model(model, calib, cfg.pruning.spec(cfg.calibration.batch_size), progress=progress)
     timings.update({f"prune_{k}": v for k, v in result.timings.items()})

@@ -29,7 +29,7 @@ def hooked_layer_stats(d_in=24, d_out=10, seed=0):
         layer.bias.copy_(torch.randn(d_out, generator=g))
     lin = PrunableLinear("l", 0, "mlp", layer)
     xs = [torch.randn(2, 5, d_in, generator=g) * torch.linspace(0.1, 3, d_in) + torch.linspace(-1, 1, d_in) for _ in range(3)]
-    with StatsCollector([lin], want_cos=True) as col, torch.no_grad():
+    with StatsCollector([lin], want_cos=True, want_cos2=True) as col, torch.no_grad():
         outs = [layer(x) for x in xs]
     return col.stats["l"], torch.cat(xs).reshape(-1, d_in), torch.cat(outs).reshape(-1, d_out), layer.weight.detach()
 
@@ -42,6 +42,19 @@ def test_cosine_statistic_and_variance_share_equal_a_direct_computation():
     torch.testing.assert_close(st.var_share, share, rtol=1e-5, atol=1e-7)
 
 
+def test_second_order_statistic_predicts_the_true_cosine_loss():
+    """cosp2's statistic is what 1 - cos really is for a small removal (cosp's first-order
+    expression is not: 1 - cos has no first-order term)."""
+    st, X, A, _ = hooked_layer_stats()
+    X, A = X.double(), A.double()
+    eps = 1e-3
+    for i, j in [(0, 0), (3, 7), (9, 23)]:
+        moved = A.clone()
+        moved[:, i] -= eps * X[:, j]
+        true = (1 - torch.nn.functional.cosine_similarity(A, moved, dim=1)).mean().item()
+        assert true == pytest.approx(0.5 * eps**2 * st.cos_loss2[i, j].item(), rel=1e-2)
+
+
 def test_metric_formulas_and_varp_limits():
     st, X, A, W = hooked_layer_stats()
     wanda = metrics.score("wanda", W, st)
@@ -50,6 +63,7 @@ def test_metric_formulas_and_varp_limits():
     cos = wanda * W.abs() * st.cos_loss
     torch.testing.assert_close(metrics.score("cosp", W, st), cos)
     torch.testing.assert_close(metrics.score("ace:beta=0.5", W, st), cos * st.var_share.sqrt())
+    torch.testing.assert_close(metrics.score("cosp2", W, st), wanda * 0.5 * W.square() * st.cos_loss2)
     # beta = 1/2 is STADE's ranking: |W| ||X|| sqrt(Var/E[X^2]) = |W| std * sqrt(n): same masks
     assert torch.equal(prune_mask(metrics.score("varp:beta=0.5", W, st), 0.5, "row"),
                        prune_mask(metrics.score("stade", W, st), 0.5, "row"))
@@ -62,12 +76,13 @@ def test_cosp_without_its_statistic_is_a_clear_error():
     st.update(torch.randn(3, 4))
     with pytest.raises(ValueError, match="cosine statistic"):
         metrics.score("cosp", torch.randn(2, 4), st)
-    assert metrics.stats_extras("ace") == {"want_xtx": False, "want_cos": True}
-    assert metrics.stats_extras("varp") == {"want_xtx": False, "want_cos": False}
+    assert metrics.stats_extras("ace") == {"want_xtx": False, "want_cos": True, "want_cos2": False}
+    assert metrics.stats_extras("cosp2") == {"want_xtx": False, "want_cos": False, "want_cos2": True}
+    assert not any(metrics.stats_extras("varp").values())
 
 
 @pytest.mark.parametrize("metric,mode,structure", [("varp", "one_shot", "unstructured"), ("cosp", "sequential", "unstructured"),
-                                                   ("ace:beta=0.5", "one_shot", "2:4")])
+                                                   ("ace:beta=0.5", "one_shot", "2:4"), ("cosp2", "sequential", "unstructured")])
 def test_prune_cli_runs_each_ace_metric(tmp_path, capsys, tiny_dirs, metric, mode, structure):
     sparsity = "0.5" if structure == "2:4" else "0.6"
     code, _, err = run_cli(["prune", "--model", tiny_dirs["llama"], "--metric", metric, "--sparsity", sparsity, "--mode", mode,
@@ -79,14 +94,15 @@ def test_prune_cli_runs_each_ace_metric(tmp_path, capsys, tiny_dirs, metric, mod
     assert report["config"]["pruning"]["metric"] == metric
 
 
-def test_a_study_worker_scores_with_cosp_and_caches_its_statistic(monkeypatch):
+@pytest.mark.parametrize("metric", ["ace", "cosp2"])
+def test_a_study_worker_scores_with_cosp_and_caches_its_statistic(monkeypatch, metric):
     cfg = StudyConfig.model_validate({
         "model": {"name": "default", "max_layers": 2, "device": "cpu"},
         "calibration": {"source": "lee", "samples": 4, "seq_len": 32, "batch_size": 2},
-        "pruning": {"metric": "ace", "sparsity": 0.6}, "reconstruction_samples": 4, "objectives": ["frobenius"],
+        "pruning": {"metric": metric, "sparsity": 0.6}, "reconstruction_samples": 4, "objectives": ["frobenius"],
     })
     ev = Evaluator(cfg)
-    assert all(st.cos is not None for st in ev.stats.values())
+    assert all((st.cos if metric == "ace" else st.cos2) is not None for st in ev.stats.values())
     first = ev.evaluate(Candidate(ratios=[0.5, 0.7]))
     masks = {l.name: l.weight == 0 for l in ev.linears}
 
@@ -95,3 +111,11 @@ def test_a_study_worker_scores_with_cosp_and_caches_its_statistic(monkeypatch):
     second = again.evaluate(Candidate(ratios=[0.5, 0.7]))
     assert second["values"] == pytest.approx(first["values"])
     assert all(torch.equal(l.weight == 0, masks[l.name]) for l in again.linears)
+
+
+def test_an_allocation_scoring_with_cosp_gets_its_statistic(tmp_path, capsys, tiny_dirs):
+    """OWL may score with another metric than the one that prunes: its statistics come too."""
+    code, _, err = run_cli(["prune", "--model", tiny_dirs["llama"], "--metric", "wanda", "--allocation", "owl:metric=cosp",
+                            "--sparsity", "0.6", "--calibration", "lee", "--calibration-samples", "4", "--seq-len", "64",
+                            "--out", str(tmp_path / "p"), "--quiet"], capsys)
+    assert code == 0, err

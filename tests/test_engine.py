@@ -65,7 +65,7 @@ def test_sequential_mode_calibrates_on_pruned_inputs(tiny_dirs):
     assert not all(torch.equal(x.weight == 0, y.weight == 0) for x, y in zip(la[2], lb[2]))
 
 
-@pytest.mark.parametrize("metric", ["magnitude", "wanda", "stade", "ria", "varp", "cosp", "ace"])
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "stade", "ria", "varp", "cosp", "cosp2", "ace"])
 def test_every_metric_prunes_to_budget(tiny_dirs, metric):
     lm = load_model(tiny_dirs["llama"], device="cpu")
     res = prune_model(lm.model, ids(), PruneSpec(metric=metric, sparsity=0.6, mode="one_shot"))

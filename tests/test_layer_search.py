@@ -210,10 +210,12 @@ def test_a_study_searches_k_and_a_k1_trial_reproduces_through_prune(tmp_path, ca
 
     trial = by_k[1][0]
     exported = tmp_path / "k1.yaml"
-    code, _, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(exported),
-                            "--pick", f"trial {trial.number}"], capsys)
+    code, out, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(exported),
+                              "--pick", f"trial {trial.number}"], capsys)
     assert code == 0, err
+    assert "no llm-compressor recipe" in " ".join(out.split()) and not (tmp_path / "k1.recipe.yaml").exists()
     pruning = yaml.safe_load(exported.read_text())["pruning"]
+    assert pruning["remove_blocks"] == trial.user_attrs["removed_blocks"]  # pinned, not measured again
     assert pruning["remove_layers"] == 1 and pruning["sparsity"] == pytest.approx(trial.user_attrs["kept_sparsity"])
     assert pruning["allocation"]["params"]["sparsities"] == pytest.approx(trial.user_attrs["ratios"])
     code, _, err = run_cli(["prune", "--config", str(exported), "--out", str(tmp_path / "pruned"), "--quiet"], capsys)

@@ -117,14 +117,17 @@ def check_spec(spec: PruneSpec, linears: list[PrunableLinear] | None = None) -> 
 
 
 def collect_stats(model: nn.Module, linears: list[PrunableLinear], ids: torch.Tensor, batch_size: int,
-                  progress: bool = False, desc: str = "calibration", metric: str | None = None,
+                  progress: bool = False, desc: str = "calibration", metric: str | list[str] | None = None,
                   xtx: bool | None = None) -> dict[str, ColumnStats]:
     """One decoder-only forward over the calibration ids with hooks on ``linears``; ``metric``
-    adds the optional statistics it needs (ACE's cosine statistic, SparseGPT's X^T X: every
-    layer's at once, unless ``xtx=False``)."""
-    extras = metrics.stats_extras(metric)
+    (one spec, or every metric that will score these statistics) adds the optional statistics
+    they need: ACE's cosine statistic, SparseGPT's X^T X (every layer's at once; ``xtx``
+    overrides)."""
+    specs = metric if isinstance(metric, list) else [metric]
+    wanted = [metrics.stats_extras(m) for m in specs]
+    extras = {key: any(w[key] for w in wanted) for key in ("want_xtx", "want_cos", "want_cos2")}
     if xtx is not None:
-        extras["want_xtx"] = xtx and extras["want_xtx"]
+        extras["want_xtx"] = xtx
     with StatsCollector(linears, **extras) as collector:
         for batch in tqdm(list(batches(ids, batch_size)), desc=desc, disable=not progress, leave=False):
             run_to_lm_head(model, batch)
@@ -176,10 +179,13 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
         raise UserError(f"metric '{spec.metric}' / allocation needs calibration text, and none was given")
     timings: dict[str, float] = {}
 
+    scored = _dense_metrics(spec, alloc_entry, alloc_params)
+    one_shot_solver = spec.mode == "one_shot" and metrics.stats_extras(spec.metric)["want_xtx"]
+
     def gather(desc: str = "calibration") -> dict[str, ColumnStats]:
         t = time.perf_counter()
-        stats = collect_stats(model, linears, calib_ids, spec.batch_size, progress, desc, metric=spec.metric,
-                              xtx=spec.mode == "one_shot")  # sequential: one block's X^T X at a time, below
+        stats = collect_stats(model, linears, calib_ids, spec.batch_size, progress, desc, metric=scored,
+                              xtx=one_shot_solver)  # sequential: one block's extras at a time, below
         timings["calibration"] = timings.get("calibration", 0.0) + time.perf_counter() - t
         return stats
 
@@ -219,9 +225,22 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     return PruneResult(records, ratios, stats_source, group, str(nm) if nm else "unstructured", timings, pruner.added_bias)
 
 
+def _dense_metrics(spec: PruneSpec, alloc_entry, alloc_params: dict) -> list[str]:
+    """The metrics that score the dense model's statistics: the allocation's own (OWL's ``metric``
+    parameter, default wanda; MRP's, default the pruning metric) and, one-shot, the pruning
+    metric. Only their optional statistics are gathered for every layer at once."""
+    import inspect
+
+    used = [spec.metric] if spec.mode == "one_shot" else []
+    param = inspect.signature(alloc_entry.fn).parameters.get("metric")
+    if param is not None:
+        used.append(alloc_params.get("metric", param.default) or spec.metric)
+    return used
+
+
 @torch.no_grad()
 def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_block, progress, want_xtx=False,
-                      want_cos=False) -> None:
+                      want_cos=False, want_cos2=False) -> None:
     if not need_stats:
         for b in range(len(blocks)):
             prune_block(b, None)
@@ -229,7 +248,7 @@ def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_bl
     modules = decoder_blocks(model)
     inputs = capture_block_inputs(model, calib_ids, batch_size)
     for b in tqdm(range(len(blocks)), desc="pruning blocks", disable=not progress, leave=False):
-        with StatsCollector(blocks[b], want_xtx=want_xtx, want_cos=want_cos) as collector:  # one block's extras at a time
+        with StatsCollector(blocks[b], want_xtx=want_xtx, want_cos=want_cos, want_cos2=want_cos2) as collector:  # one block's extras at a time
             for inp in inputs:
                 inp.run(modules[b])
         prune_block(b, collector.stats)

@@ -177,6 +177,14 @@ def fold_scale(model: nn.Module, s: float, upto: int) -> None:
 # ---------------------------------------------------------------- removing
 
 
+def check_removable(model: nn.Module, compensate: bool = True) -> None:
+    """Refuse (UserError) a model whose blocks cannot be removed, or, with compensation, whose
+    residual stream cannot be rescaled: before any work, not at the first removal."""
+    _check_removable(model)
+    if compensate:
+        _residual_writers(model)
+
+
 def _check_removable(model: nn.Module) -> None:
     cfg = model.config
     if getattr(cfg, "model_type", None) == "gpt2" and getattr(cfg, "scale_attn_by_inverse_layer_idx", False):

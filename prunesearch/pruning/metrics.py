@@ -56,10 +56,20 @@ def varp(W: torch.Tensor, stats: ColumnStats, *, beta: float = 0.25) -> torch.Te
 
 @METRICS.register("cosp", needs_stats=True, group="row", needs_cos=True)
 def cosp(W: torch.Tensor, stats: ColumnStats) -> torch.Tensor:
-    """CosP: Wanda's score times the first-order cosine loss of removing W_ij,
-    (1 - cos)_ij ~ |W_ij| * mean_t |a_ti x_tj| / ||a_t||^2 (a = the layer's output). Keeps the
-    weights that hold each token's output direction, not only its size."""
+    """CosP: Wanda's score times ACE's first-order "cosine loss" of removing W_ij,
+    |W_ij| * mean_t |a_ti x_tj| / ||a_t||^2 (a = the layer's output, bias included). Note what
+    that expression is: 1 - cos itself is second order in the change (its first-order term is
+    zero); -a_i da_i / ||a||^2 is the relative change of the output's projection on its own
+    direction, i.e. a per-token-normalised size term. Implemented as the paper states it."""
     return wanda(W, stats) * W.abs() * stats.cos_loss.to(W.device)
+
+
+@METRICS.register("cosp2", needs_stats=True, group="row", needs_cos2=True)
+def cosp2(W: torch.Tensor, stats: ColumnStats) -> torch.Tensor:
+    """CosP with the true cosine loss (not in the paper): Wanda's score times the second-order
+    1 - cos of each token's output when W_ij goes, W_ij^2 / 2 * mean_t x_tj^2 (1/||a_t||^2 -
+    a_ti^2/||a_t||^4): a change along a direction the output already has costs nothing."""
+    return wanda(W, stats) * 0.5 * W.square() * stats.cos_loss2.to(W.device)
 
 
 @METRICS.register("ace", needs_stats=True, group="row", needs_cos=True)
@@ -84,7 +94,8 @@ def is_solver(spec: str) -> bool:
 def stats_extras(spec: str | None) -> dict[str, bool]:
     """Which optional statistics (StatsCollector keywords) a metric spec needs."""
     meta = METRICS.resolve(spec)[0].meta if spec else {}
-    return {"want_xtx": bool(meta.get("needs_xtx")), "want_cos": bool(meta.get("needs_cos"))}
+    return {"want_xtx": bool(meta.get("needs_xtx")), "want_cos": bool(meta.get("needs_cos")),
+            "want_cos2": bool(meta.get("needs_cos2"))}
 
 
 def metric_needs_stats(spec: str) -> bool:

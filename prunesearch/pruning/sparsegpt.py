@@ -4,9 +4,9 @@ With H = X^T X (+ 1% of its mean diagonal as damping) and U the upper Cholesky f
 columns are visited left to right in blocks of 128. In each block the mask is chosen by the OBS
 saliency w^2 / U_jj^2 (lowest go: per block across all rows for unstructured, per row and group
 of M for N:M); each pruned column's error (w - q) / U_jj is pushed onto the columns right of it,
-so the layer output changes as little as the remaining weights allow. Only this layer's H is
-held at a time: the engine runs it block by block (sequential mode), one decoder block's
-Hessians in memory.
+so the layer output changes as little as the remaining weights allow. In sequential mode (the
+default of `prune`) the engine holds one decoder block's Hessians at a time; one-shot mode and
+study workers hold every layer's X^T X (and, in a study, its factor) for the whole run.
 """
 
 from __future__ import annotations

@@ -23,35 +23,47 @@ class ColumnStats:
     want_xtx: bool = False
     d_out: int = 0  # only needed with want_cos
     want_cos: bool = False
+    want_cos2: bool = False
     n_tokens: int = 0
     n_seqs: int = 0
     mean: torch.Tensor = field(init=False)
     m2: torch.Tensor = field(init=False)
     xtx: torch.Tensor | None = field(init=False, default=None)
     cos: torch.Tensor | None = field(init=False, default=None)
+    cos2: torch.Tensor | None = field(init=False, default=None)  # (d_out, d_in) then (d_in,): see update
+    cos2_col: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.mean = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
         self.m2 = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
         if self.want_xtx:
             self.xtx = torch.zeros(self.d_in, self.d_in, dtype=torch.float32, device=self.device)
+        if (self.want_cos or self.want_cos2) and self.d_out < 1:
+            raise ValueError("the cosine statistics need d_out")
         if self.want_cos:
-            if self.d_out < 1:
-                raise ValueError("want_cos needs d_out")
             self.cos = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=self.device)
+        if self.want_cos2:
+            self.cos2 = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=self.device)
+            self.cos2_col = torch.zeros(self.d_in, dtype=torch.float32, device=self.device)
 
     def update(self, x: torch.Tensor, out: torch.Tensor | None = None) -> None:
         """Fold one batch of inputs (..., d_in) in; ``out`` (..., d_out), the layer's outputs,
-        feeds the cosine statistic: sum over tokens t of |a_ti| |x_tj| / ||a_t||^2, the size of
-        the first-order change in cos(a_t, a_t - W_ij x_tj e_i) per unit of |W_ij| (ACE's CosP)."""
+        feeds the cosine statistic: sum over tokens t of |a_ti| |x_tj| / ||a_t||^2, ACE's
+        first-order expression -a_i da_i / ||a||^2 per unit of |W_ij| (see metrics.cosp). For a
+        fused projection (GPT-2 c_attn, q|k|v) ||a_t|| is over the concatenated output."""
         self.n_seqs += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, self.d_in).float()
-        if self.cos is not None:
+        if self.cos is not None or self.cos2 is not None:
             if out is None:
-                raise ValueError("the cosine statistic needs the layer outputs")
+                raise ValueError("the cosine statistics need the layer outputs")
             a = out.reshape(-1, self.d_out).float()
             inv = 1.0 / a.square().sum(1, keepdim=True).clamp_min(1e-12)
-            self.cos.addmm_((a.abs() * inv).t(), x.abs())
+            if self.cos is not None:
+                self.cos.addmm_((a.abs() * inv).t(), x.abs())
+            if self.cos2 is not None:  # 1 - cos of a_t - W_ij x_tj e_i, to second order, per W_ij^2 / 2:
+                x2 = x.square()       # x_tj^2 (1/||a_t||^2 - a_ti^2/||a_t||^4) = column term - matrix term
+                self.cos2_col.add_((x2 * inv).sum(0))
+                self.cos2.addmm_((a.square() * inv.square()).t(), x2)
         n_b = x.shape[0]
         mean_b = x.mean(0)
         m2_b = (x - mean_b).square().sum(0).double()
@@ -63,6 +75,20 @@ class ColumnStats:
         self.n_tokens = n
         if self.xtx is not None:
             self.xtx.addmm_(x.t(), x)
+
+    def to(self, device: torch.device) -> "ColumnStats":
+        """These statistics on ``device`` (itself when already there)."""
+        if self.mean.device == torch.device(device):
+            return self
+        moved = ColumnStats(self.d_in, torch.device(device))  # no extras allocated: moved below
+        moved.want_xtx, moved.d_out, moved.want_cos, moved.want_cos2 = self.want_xtx, self.d_out, self.want_cos, self.want_cos2
+        moved.n_tokens, moved.n_seqs = self.n_tokens, self.n_seqs
+        moved.mean, moved.m2 = self.mean.to(device), self.m2.to(device)
+        moved.xtx = self.xtx.to(device) if self.xtx is not None else None
+        for name in ("cos", "cos2", "cos2_col"):
+            value = getattr(self, name)
+            setattr(moved, name, value.to(device) if value is not None else None)
+        return moved
 
     @property
     def sumsq(self) -> torch.Tensor:
@@ -90,6 +116,14 @@ class ColumnStats:
         return (self.m2 / self.sumsq.clamp_min(1e-30)).clamp(0, 1).float()
 
     @property
+    def cos_loss2(self) -> torch.Tensor:
+        """Mean over tokens of x_tj^2 (1/||a_t||^2 - a_ti^2/||a_t||^4) (d_out, d_in): the exact
+        second-order 1 - cos(a_t, a_t - W_ij x_tj e_i) is W_ij^2 / 2 times this; needs want_cos2."""
+        if self.cos2 is None:
+            raise ValueError("this metric needs the second-order cosine statistic: collect with want_cos2")
+        return (self.cos2_col.unsqueeze(0) - self.cos2).clamp_min(0) / max(self.n_tokens, 1)
+
+    @property
     def cos_loss(self) -> torch.Tensor:
         """Mean over tokens of |a_ti| |x_tj| / ||a_t||^2 (d_out, d_in); needs want_cos."""
         if self.cos is None:
@@ -100,15 +134,16 @@ class ColumnStats:
 class StatsCollector:
     """Context manager: hooks the given layers and accumulates their input statistics."""
 
-    def __init__(self, linears: list[PrunableLinear], want_xtx: bool = False, want_cos: bool = False):
+    def __init__(self, linears: list[PrunableLinear], want_xtx: bool = False, want_cos: bool = False,
+                 want_cos2: bool = False):
         self.linears = linears
-        self.want_xtx, self.want_cos = want_xtx, want_cos
+        self.want_xtx, self.want_cos, self.want_cos2 = want_xtx, want_cos, want_cos2
         self.stats: dict[str, ColumnStats] = {}
         self._handles = []
 
     def __enter__(self) -> "StatsCollector":
         for lin in self.linears:
-            st = ColumnStats(lin.d_in, lin.module.weight.device, self.want_xtx, lin.d_out, self.want_cos)
+            st = ColumnStats(lin.d_in, lin.module.weight.device, self.want_xtx, lin.d_out, self.want_cos, self.want_cos2)
             self.stats[lin.name] = st
             self._handles.append(lin.module.register_forward_hook(self._hook(st)))
         return self
@@ -116,7 +151,8 @@ class StatsCollector:
     @staticmethod
     def _hook(st: ColumnStats):
         def hook(_module, inputs, output):
-            st.update(inputs[0].detach(), output.detach() if st.cos is not None else None)
+            wants_out = st.cos is not None or st.cos2 is not None
+            st.update(inputs[0].detach(), output.detach() if wants_out else None)
 
         return hook
 

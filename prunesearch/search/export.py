@@ -131,6 +131,8 @@ def prune_config(cfg: StudyConfig, trial: FrozenTrial) -> dict[str, Any]:
         },
         "reconstruction_samples": cfg.reconstruction_samples,
     }
+    if trial.user_attrs.get("removed_blocks"):  # pin them: prune must not measure another order
+        out["pruning"]["remove_blocks"] = list(trial.user_attrs["removed_blocks"])
     if cand.kv_bits:
         out["kv_cache"] = cfg.kv_cache.model_dump(mode="json") | {"bits": cand.kv_bits}
     return out

@@ -34,7 +34,9 @@ def to_blob(stats: dict[str, ColumnStats], ref: DenseReference) -> dict:
     return {
         "stats": {n: {"n_tokens": s.n_tokens, "n_seqs": s.n_seqs, "mean": s.mean.cpu(), "m2": s.m2.cpu(),
                       **({"cos": s.cos.cpu()} if s.cos is not None else {}),
-                      **({"xtx": s.xtx.cpu()} if s.xtx is not None else {})} for n, s in stats.items()},
+                      **({"xtx": s.xtx.cpu()} if s.xtx is not None else {}),
+                      **({"cos2": s.cos2.cpu(), "cos2_col": s.cos2_col.cpu()} if s.cos2 is not None else {})}
+                  for n, s in stats.items()},
         "ref": {"ids": ref.ids.cpu(), "hidden": ref.hidden.cpu(), "gram": ref.gram.cpu(), "batch_size": ref.batch_size},
     }
 
@@ -48,6 +50,9 @@ def from_blob(blob: dict, device: torch.device) -> tuple[dict[str, ColumnStats],
         if "cos" in s:  # ACE's statistic, present when the study's metric asked for it
             st.cos = s["cos"].to(device)
             st.d_out, st.want_cos = st.cos.shape[0], True
+        if "cos2" in s:
+            st.cos2, st.cos2_col = s["cos2"].to(device), s["cos2_col"].to(device)
+            st.d_out, st.want_cos2 = st.cos2.shape[0], True
         if "xtx" in s:  # SparseGPT's, present when the study's metric is a solver
             st.xtx, st.want_xtx = s["xtx"].to(device), True
         stats[name] = st

@@ -68,7 +68,9 @@ def _user_error_of(exc: Exception) -> UserError | None:
         return cause
     marker = f"{UserError.__module__}.{UserError.__qualname__}: "
     if getattr(exc, "actor_init_failed", False) and marker in str(exc):
-        return UserError(str(exc).split(marker, 1)[1].strip())
+        message = str(exc).rsplit(marker, 1)[1].strip()
+        if "Traceback (most recent call last)" not in message:  # else a bug raised while handling one
+            return UserError(message)
     return None
 
 

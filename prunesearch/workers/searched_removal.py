@@ -49,6 +49,9 @@ class SearchedRemoval:
 
     def __init__(self, model: torch.nn.Module, calib: torch.Tensor, cfg: StudyConfig, layout: ModelLayout,
                  full_stats: dict[str, ColumnStats], group: str, nm: NM | None):
+        from prunesearch.pruning.layer_removal import check_removable
+
+        check_removable(model, cfg.pruning.compensate)  # at start-up: not a failure of every k > 0 trial
         self.model, self.calib, self.cfg, self.layout = model, calib, cfg, layout
         self.group, self.nm = group, nm
         self.k, self.switch_s = 0, 0.0
@@ -56,6 +59,13 @@ class SearchedRemoval:
         self.pristine = None
         self.stats_by_k = {0: full_stats}
         self.ranks_by_k: dict[int, dict] = {}  # in host memory: a GPU holds only the current k's
+        self.factors_by_k: dict[int, dict] = {}
+        self.device = next(model.parameters()).device
+
+    def _park(self, k: int) -> None:
+        """Statistics of a k not in use go to host memory (ACE's and SparseGPT's are model-sized)."""
+        if self.device.type != "cpu":
+            self.stats_by_k[k] = {n: st.to(torch.device("cpu")) for n, st in self.stats_by_k[k].items()}
 
     def _measure(self) -> None:
         """Measure the order once, up to the largest choice, on the full model, then put it back.
@@ -84,6 +94,8 @@ class SearchedRemoval:
         if masker is not None and self.k >= 0:
             self.ranks_by_k.setdefault(self.k, {name: r.cpu() for name, r in masker.ranks.items()})
             masker.restore()
+            masker.dense.clear()  # one dense copy at a time: the new masker takes its own
+            self._park(self.k)
         self.k = -1  # a failure below leaves a state that the next switch rebuilds
         if k and self.removal is None:
             self._measure()
@@ -94,8 +106,9 @@ class SearchedRemoval:
         if k not in self.stats_by_k:
             self.stats_by_k[k] = collect_stats(self.model, linears, self.calib, self.cfg.calibration.batch_size,
                                                metric=self.cfg.pruning.metric)
-        stats = self.stats_by_k[k]
+        stats = self.stats_by_k[k] = {n: st.to(self.device) for n, st in self.stats_by_k[k].items()}
         masker = ReusedRanksMasker(linears, stats, self.cfg.pruning.metric, self.group, self.nm, ranks=self.ranks_by_k.get(k))
+        masker.factors = self.factors_by_k.setdefault(k, {})  # SparseGPT: each k's Hessians factored once
         self.k, self.switch_s = k, time.perf_counter() - t0
         return linears, stats, masker
 
