@@ -240,9 +240,10 @@ def test_a_study_on_a_model_with_blocks_removed_exports_what_it_measured(tmp_pat
     exported = tmp_path / "best.yaml"
     code, _, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(exported)], capsys)
     assert code == 0, err
-    assert yaml.safe_load(exported.read_text())["pruning"]["remove_layers"] == 1
+    pruning = yaml.safe_load(exported.read_text())["pruning"]
+    assert pruning["remove_layers"] == 1 and pruning["remove_blocks"] == best.user_attrs["removed_blocks"]  # pinned
     code, _, err = run_cli(["prune", "--config", str(exported), "--out", str(tmp_path / "pruned"), "--quiet"], capsys)
     assert code == 0, err
     report = yaml.safe_load((tmp_path / "pruned" / "prune_report.json").read_text())
-    assert len(report["removed_layers"]["blocks"]) == 1 and report["model"]["layers"] == 2
+    assert report["removed_layers"]["blocks"] == best.user_attrs["removed_blocks"] and report["model"]["layers"] == 2
     assert report["reconstruction"]["pruned"]["frobenius"] == pytest.approx(best.value, rel=1e-4)

@@ -168,7 +168,7 @@ class Evaluator:
         k_before = self.k
         ratios, achieved = self.apply(cand)
         t_mask = time.perf_counter() - t0
-        removal = self.searched.record() if self.searched else {}
+        removal = self._removal_record()
         names = self.cfg.objectives
         values: dict[str, float] = {}
         primary = names[0]
@@ -200,3 +200,10 @@ class Evaluator:
                         **({"switch_s": self.searched.switch_s} if self.k != k_before else {})},  # mask_s includes it
             **removal,
         }
+
+    def _removal_record(self) -> dict:
+        """The blocks a trial's model lacks (original indices), so the export pins them: searched
+        per trial, or the study's fixed pruning.remove_layers."""
+        if self.searched:
+            return self.searched.record()
+        return {"removed_blocks": list(self.fixed_removal.removed)} if self.fixed_removal else {}
