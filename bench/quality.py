@@ -56,7 +56,7 @@ def main() -> None:
     def calibrations():
         """(label, stats, seconds) per calibration, made one at a time (the cosine statistic is as
         large as the model)."""
-        extras = any(any(metric_registry.stats_extras(m).values()) for m in args.metrics)
+        extras = any(metric_registry.stats_extras(args.metrics).values())
         if not args.calib_lens:  # the set-up's 32 x 256, seed 0 (again with ACE's / SparseGPT's extras)
             yield None, collect_stats(model, linears, calib, 8, metric=args.metrics) if extras else stats, 0.0
             return

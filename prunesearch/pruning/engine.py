@@ -123,9 +123,7 @@ def collect_stats(model: nn.Module, linears: list[PrunableLinear], ids: torch.Te
     (one spec, or every metric that will score these statistics) adds the optional statistics
     they need: ACE's cosine statistic, SparseGPT's X^T X (every layer's at once; ``xtx``
     overrides)."""
-    specs = metric if isinstance(metric, list) else [metric]
-    wanted = [metrics.stats_extras(m) for m in specs]
-    extras = {key: any(w[key] for w in wanted) for key in ("want_xtx", "want_cos", "want_cos2")}
+    extras = metrics.stats_extras(metric)
     if xtx is not None:
         extras["want_xtx"] = xtx
     with StatsCollector(linears, **extras) as collector:
@@ -239,8 +237,7 @@ def _dense_metrics(spec: PruneSpec, alloc_entry, alloc_params: dict) -> list[str
 
 
 @torch.no_grad()
-def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_block, progress, want_xtx=False,
-                      want_cos=False, want_cos2=False) -> None:
+def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_block, progress, **extras) -> None:
     if not need_stats:
         for b in range(len(blocks)):
             prune_block(b, None)
@@ -248,7 +245,7 @@ def _prune_sequential(model, blocks, calib_ids, batch_size, need_stats, prune_bl
     modules = decoder_blocks(model)
     inputs = capture_block_inputs(model, calib_ids, batch_size)
     for b in tqdm(range(len(blocks)), desc="pruning blocks", disable=not progress, leave=False):
-        with StatsCollector(blocks[b], want_xtx=want_xtx, want_cos=want_cos, want_cos2=want_cos2) as collector:  # one block's extras at a time
+        with StatsCollector(blocks[b], **extras) as collector:  # one block's optional statistics at a time
             for inp in inputs:
                 inp.run(modules[b])
         prune_block(b, collector.stats)

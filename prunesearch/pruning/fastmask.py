@@ -21,13 +21,19 @@ from prunesearch.pruning.stats import ColumnStats
 
 class FastMasker:
     def __init__(self, linears: list[PrunableLinear], stats: dict[str, ColumnStats] | None, metric: str,
-                 group: str = "row", nm: NM | None = None):
+                 group: str = "row", nm: NM | None = None, *, ranks: dict | None = None, factors: dict | None = None):
+        """``ranks``: computed before for the same dense weights, statistics and metric (ranking is
+        most of what building a masker costs); ``factors``: a HessianFactor cache to share."""
         self.linears, self.group, self.nm, self.stats = linears, group, nm, stats
         self.dense = {l.name: l.weight.clone() for l in linears}
         self._zero = torch.zeros((), dtype=linears[0].weight.dtype, device=linears[0].weight.device) if linears else None
         self.ranks = {}
-        self.factors = {}  # solver metrics: HessianFactor per layer, made on first use
-        self.rerank(metric)
+        self.factors = {} if factors is None else factors  # solver metrics: HessianFactor per layer, made on first use
+        if ranks is None:
+            self.rerank(metric)
+        else:
+            self.metric = metric
+            self.ranks = {name: r.to(self.dense[name].device) for name, r in ranks.items()}
 
     @torch.no_grad()
     def rerank(self, metric: str) -> None:

@@ -220,29 +220,33 @@ def _validate(n_blocks: int, k: int, blocks: list[int] | None) -> None:
 
 
 @torch.no_grad()
-def remove_blocks(model: nn.Module, calib_ids: torch.Tensor, k: int, *, compensate: bool = True, batch_size: int = 8,
-                  progress: bool = False, blocks: list[int] | None = None) -> RemovalResult:
+def remove_blocks(model: nn.Module, calib_ids: torch.Tensor | None, k: int, *, compensate: bool = True, batch_size: int = 8,
+                  progress: bool = False, blocks: list[int] | None = None, scales: list[float] | None = None) -> RemovalResult:
     """Remove ``k`` decoder blocks in place, one at a time: measure influence on the current
     model, drop the least influential block (or the next of ``blocks``, original indices, to
-    force the choice), and fold the magnitude compensation into the earlier weights."""
+    force the choice), and fold the magnitude compensation into the earlier weights (or the
+    next of ``scales``, recorded before: then nothing is measured)."""
     start = time.perf_counter()
     n_blocks = len(decoder_blocks(model))
     _validate(n_blocks, k, blocks)
-    _check_removable(model)
-    if compensate:
-        _residual_writers(model)  # refuse before touching anything
+    if scales is not None and (blocks is None or len(scales) != k):
+        raise ValueError("recorded scales replay recorded blocks: give both, k of each")
+    check_removable(model, compensate)  # refuse before touching anything
     origin = list(range(n_blocks))  # current position -> original index
     result = RemovalResult([], [], [], {"influence": 0.0, "removal": 0.0}, compensated=compensate)
     for step in tqdm(range(k), desc="removing blocks", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        measure = compensate or blocks is None  # a forced, uncompensated cut needs no calibration pass
+        measure = scales is None and (compensate or blocks is None)  # forced and uncompensated (or replayed): no pass
         stats = block_stats(model, calib_ids, batch_size) if measure else None
         t1 = time.perf_counter()
         if blocks is not None:
             victim = origin.index(blocks[step])
         else:
             victim = min(range(len(origin)), key=lambda i: stats.influence[i])
-        scale = compensation_scale(stats.mean_abs, victim) if compensate else 1.0
+        if scales is not None:
+            scale = scales[step]
+        else:
+            scale = compensation_scale(stats.mean_abs, victim) if compensate else 1.0
         if compensate:
             fold_scale(model, scale, victim)
         drop_block(model, victim)
@@ -265,13 +269,7 @@ def replay_removal(model: nn.Module, removal: RemovalResult, k: int) -> list[int
     gives (step i only depends on the model after step i - 1). Returns the removed indices."""
     if not 0 <= k <= len(removal.removed):
         raise UserError(f"cannot replay {k} removals: only {len(removal.removed)} were measured")
-    origin = list(range(len(decoder_blocks(model))))  # current position -> original index
-    for original, scale in zip(removal.removed[:k], removal.scales[:k]):
-        victim = origin.index(original)
-        if removal.compensated:
-            fold_scale(model, scale, victim)
-        drop_block(model, victim)
-        origin.pop(victim)
+    remove_blocks(model, None, k, compensate=removal.compensated, blocks=removal.removed[:k], scales=removal.scales[:k])
     return list(removal.removed[:k])
 
 

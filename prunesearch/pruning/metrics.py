@@ -91,11 +91,11 @@ def is_solver(spec: str) -> bool:
     return bool(METRICS.resolve(spec)[0].meta.get("solver"))
 
 
-def stats_extras(spec: str | None) -> dict[str, bool]:
-    """Which optional statistics (StatsCollector keywords) a metric spec needs."""
-    meta = METRICS.resolve(spec)[0].meta if spec else {}
-    return {"want_xtx": bool(meta.get("needs_xtx")), "want_cos": bool(meta.get("needs_cos")),
-            "want_cos2": bool(meta.get("needs_cos2"))}
+def stats_extras(spec: str | list[str] | None) -> dict[str, bool]:
+    """Which optional statistics (StatsCollector keywords) a metric spec, or every spec of a
+    list, needs."""
+    metas = [METRICS.resolve(s)[0].meta for s in (spec if isinstance(spec, list) else [spec]) if s]
+    return {f"want_{name}": any(m.get(f"needs_{name}") for m in metas) for name in ("xtx", "cos", "cos2")}
 
 
 def metric_needs_stats(spec: str) -> bool:

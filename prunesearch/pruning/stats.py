@@ -9,11 +9,14 @@ statistic (d_out x d_in per layer, see ``update``).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 
 from prunesearch.models.families import PrunableLinear
+
+EXTRA_TENSORS = ("xtx", "cos", "cos2", "cos2_col")  # the optional statistics, None unless asked for
 
 
 @dataclass
@@ -80,12 +83,9 @@ class ColumnStats:
         """These statistics on ``device`` (itself when already there)."""
         if self.mean.device == torch.device(device):
             return self
-        moved = ColumnStats(self.d_in, torch.device(device))  # no extras allocated: moved below
-        moved.want_xtx, moved.d_out, moved.want_cos, moved.want_cos2 = self.want_xtx, self.d_out, self.want_cos, self.want_cos2
-        moved.n_tokens, moved.n_seqs = self.n_tokens, self.n_seqs
-        moved.mean, moved.m2 = self.mean.to(device), self.m2.to(device)
-        moved.xtx = self.xtx.to(device) if self.xtx is not None else None
-        for name in ("cos", "cos2", "cos2_col"):
+        moved = copy.copy(self)  # same flags and counts; no __post_init__, so nothing is allocated
+        moved.device = torch.device(device)
+        for name in ("mean", "m2", *EXTRA_TENSORS):
             value = getattr(self, name)
             setattr(moved, name, value.to(device) if value is not None else None)
         return moved
@@ -150,8 +150,9 @@ class StatsCollector:
 
     @staticmethod
     def _hook(st: ColumnStats):
+        wants_out = st.cos is not None or st.cos2 is not None
+
         def hook(_module, inputs, output):
-            wants_out = st.cos is not None or st.cos2 is not None
             st.update(inputs[0].detach(), output.detach() if wants_out else None)
 
         return hook

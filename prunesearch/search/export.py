@@ -4,8 +4,9 @@
 The exported config pins everything the trial's value depended on: the same model, the same
 calibration data (hence statistics and reconstruction prompts), the study metric in one-shot
 mode, the trial's per-block ratios as an explicit allocation, and its KV bits. A trial that
-removed blocks exports how many (``prune`` removes the same ones: same text, same order) and the
-kept blocks' ratios; its ``sparsity`` is then the kept blocks' budget, as ``prune`` reads it.
+removed blocks exports how many and which (``remove_blocks``: ``prune`` removes those, it does not
+measure the order again) and the kept blocks' ratios; with a searched removal its ``sparsity``
+is the kept blocks' budget, as ``prune`` reads it.
 """
 
 from __future__ import annotations

@@ -43,3 +43,8 @@ class ModelLayout:
 def unit_of(lin: PrunableLinear, split: bool) -> int:
     """Index of the unit a linear layer belongs to."""
     return 2 * lin.block + (lin.kind == "mlp") if split else lin.block
+
+
+def block_to_units(block_ratios: list[float], split: bool) -> list[float]:
+    """Per-block values as per-unit values (each block's twice: attention, MLP, when split)."""
+    return [r for r in block_ratios for _ in range(2)] if split else list(block_ratios)

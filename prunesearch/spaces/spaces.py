@@ -19,7 +19,7 @@ from prunesearch.errors import UserError
 from prunesearch.pruning.budget import project_to_budget, round_to_grid
 from prunesearch.registry import Registry
 from prunesearch.spaces.candidate import Candidate
-from prunesearch.spaces.layout import ModelLayout
+from prunesearch.spaces.layout import ModelLayout, block_to_units
 
 SPACES = Registry("search space")
 REMOVAL_PARAM = "remove_layers"  # the trial parameter: how many blocks the trial removes
@@ -80,7 +80,7 @@ class SearchSpace(ABC):
         return [f"s{i:02d}" for i in range(self.layout.n_blocks)]
 
     def block_to_units(self, block_ratios: list[float]) -> list[float]:
-        return [r for r in block_ratios for _ in range(2)] if self.split else list(block_ratios)
+        return block_to_units(block_ratios, self.split)
 
     @abstractmethod
     def suggest(self, trial: optuna.Trial) -> Candidate: ...

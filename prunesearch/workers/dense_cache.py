@@ -16,7 +16,7 @@ import torch
 
 from prunesearch.cache import cache_dir
 from prunesearch.objectives.reconstruction import DenseReference
-from prunesearch.pruning.stats import ColumnStats
+from prunesearch.pruning.stats import EXTRA_TENSORS, ColumnStats
 
 FORMAT = 1
 
@@ -33,9 +33,7 @@ def to_blob(stats: dict[str, ColumnStats], ref: DenseReference) -> dict:
     """Plain CPU tensors: what the disk cache and Ray's object store carry."""
     return {
         "stats": {n: {"n_tokens": s.n_tokens, "n_seqs": s.n_seqs, "mean": s.mean.cpu(), "m2": s.m2.cpu(),
-                      **({"cos": s.cos.cpu()} if s.cos is not None else {}),
-                      **({"xtx": s.xtx.cpu()} if s.xtx is not None else {}),
-                      **({"cos2": s.cos2.cpu(), "cos2_col": s.cos2_col.cpu()} if s.cos2 is not None else {})}
+                      **{e: getattr(s, e).cpu() for e in EXTRA_TENSORS if getattr(s, e) is not None}}
                   for n, s in stats.items()},
         "ref": {"ids": ref.ids.cpu(), "hidden": ref.hidden.cpu(), "gram": ref.gram.cpu(), "batch_size": ref.batch_size},
     }
@@ -47,14 +45,9 @@ def from_blob(blob: dict, device: torch.device) -> tuple[dict[str, ColumnStats],
         st = ColumnStats(s["mean"].numel(), device)
         st.n_tokens, st.n_seqs = int(s["n_tokens"]), int(s["n_seqs"])
         st.mean, st.m2 = s["mean"].to(device), s["m2"].to(device)
-        if "cos" in s:  # ACE's statistic, present when the study's metric asked for it
-            st.cos = s["cos"].to(device)
-            st.d_out, st.want_cos = st.cos.shape[0], True
-        if "cos2" in s:
-            st.cos2, st.cos2_col = s["cos2"].to(device), s["cos2_col"].to(device)
-            st.d_out, st.want_cos2 = st.cos2.shape[0], True
-        if "xtx" in s:  # SparseGPT's, present when the study's metric is a solver
-            st.xtx, st.want_xtx = s["xtx"].to(device), True
+        for extra in EXTRA_TENSORS:  # ACE's / SparseGPT's, present when the study's metric asked for them
+            if extra in s:
+                setattr(st, extra, s[extra].to(device))
         stats[name] = st
     r = blob["ref"]
     return stats, DenseReference(r["ids"], r["hidden"], r["gram"], int(r["batch_size"]))

@@ -31,7 +31,7 @@ from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
 from prunesearch.pruning.engine import PruneSpec, collect_stats, resolve_group
 from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.masks import parse_structure
-from prunesearch.spaces import Candidate, ModelLayout, unit_of
+from prunesearch.spaces import Candidate, ModelLayout, block_to_units, unit_of
 from prunesearch.spaces.spaces import SearchSpace
 from prunesearch.workers.dense_cache import dense_key, from_blob, load_dense, save_dense, to_blob
 from prunesearch.workers.searched_removal import SearchedRemoval
@@ -138,7 +138,7 @@ class Evaluator:
             from prunesearch.pruning.budget import round_to_grid
 
             ratios = round_to_grid(ratios, self.layout.unit_sizes(False), self.cfg.pruning.sparsity, self.nm.m)
-        return [r for r in ratios for _ in range(2)] if cand.split else ratios
+        return block_to_units(ratios, cand.split)
 
     def apply(self, cand: Candidate) -> tuple[list[float], float]:
         """Mask the model for ``cand``; returns the per-unit ratios and the achieved sparsity (with

@@ -25,23 +25,7 @@ from prunesearch.pruning.engine import collect_stats
 from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.masks import NM
 from prunesearch.pruning.stats import ColumnStats
-from prunesearch.spaces import Candidate, ModelLayout, check_removal_choices, kept_target
-
-
-class ReusedRanksMasker(FastMasker):
-    """A FastMasker that may start from ranks computed before for the same dense weights and
-    statistics (a k this worker had before): ranking is most of what a switch of k costs on a
-    CPU, so each k is ranked once."""
-
-    def __init__(self, linears, stats, metric: str, group: str = "row", nm=None, ranks: dict | None = None):
-        self._reuse = ranks
-        super().__init__(linears, stats, metric, group, nm)
-
-    def rerank(self, metric: str) -> None:
-        if self._reuse is None:
-            return super().rerank(metric)
-        device = self.linears[0].weight.device
-        self.metric, self.ranks, self._reuse = metric, {n: r.to(device) for n, r in self._reuse.items()}, None
+from prunesearch.spaces import Candidate, ModelLayout, block_to_units, check_removal_choices, kept_target
 
 
 class SearchedRemoval:
@@ -107,8 +91,8 @@ class SearchedRemoval:
             self.stats_by_k[k] = collect_stats(self.model, linears, self.calib, self.cfg.calibration.batch_size,
                                                metric=self.cfg.pruning.metric)
         stats = self.stats_by_k[k] = {n: st.to(self.device) for n, st in self.stats_by_k[k].items()}
-        masker = ReusedRanksMasker(linears, stats, self.cfg.pruning.metric, self.group, self.nm, ranks=self.ranks_by_k.get(k))
-        masker.factors = self.factors_by_k.setdefault(k, {})  # SparseGPT: each k's Hessians factored once
+        masker = FastMasker(linears, stats, self.cfg.pruning.metric, self.group, self.nm, ranks=self.ranks_by_k.get(k),
+                            factors=self.factors_by_k.setdefault(k, {}))  # each k ranked (SparseGPT: factored) once
         self.k, self.switch_s = k, time.perf_counter() - t0
         return linears, stats, masker
 
@@ -133,8 +117,7 @@ class SearchedRemoval:
         units projected onto it, or the candidate's allocation resolved over the kept blocks."""
         target = self.kept_sparsity()
         if cand.ratios is None:
-            ratios = resolve(cand.allocation, target)
-            return [r for r in ratios for _ in range(2)] if cand.split else ratios
+            return block_to_units(resolve(cand.allocation, target), cand.split)
         sizes = self.layout.unit_sizes(cand.split)
         if len(cand.ratios) != len(sizes):
             raise UserError(f"candidate has {len(cand.ratios)} ratios, the full model has {len(sizes)} units")
