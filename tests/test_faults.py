@@ -141,3 +141,34 @@ def test_a_second_driver_on_one_sqlite_file_is_told_to_use_postgresql(tmp_path, 
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_a_surplus_trial_leaves_only_queued_work_behind_and_a_full_study_retires_it(tmp_path):
+    """The race two drivers run at a study's end, played in order: a fresh surplus trial leaves
+    nothing queued; a popped retry goes back to the queue as it was; once the target is held,
+    queued retries are retired, so nothing is left waiting."""
+    from prunesearch.search.dispatch import RETRY_ATTR
+    from prunesearch.search.driver import _retire_queued_retries, _surplus
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="race")
+    for x in (0.1, 0.2):
+        study.enqueue_trial({"x": x})
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("x", 0, 1))
+    target = 2
+
+    fresh = study.ask()
+    assert _surplus(study, fresh, target)
+    assert not study.get_trials(states=(TrialState.WAITING,))
+    assert study.trials[fresh.number].user_attrs["surplus"] and not study.trials[fresh.number].params
+
+    study.enqueue_trial({"x": 0.7}, user_attrs={RETRY_ATTR: 1})
+    popped = study.ask()
+    assert _surplus(study, popped, target)
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+    assert queued.system_attrs["fixed_params"] == {"x": 0.7} and queued.user_attrs == {RETRY_ATTR: 1}
+
+    assert _retire_queued_retries(study, target + 5) == 0  # nor is it retired while the target is not held
+    assert _retire_queued_retries(study, target) == 1
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+    assert study.trials[queued.number].user_attrs == {RETRY_ATTR: 1, "surplus": True}

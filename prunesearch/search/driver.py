@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.pruning.masks import parse_structure
-from prunesearch.search.dispatch import DRIVER, Dispatcher, fail_stale, requeue
+from prunesearch.search.dispatch import DRIVER, RETRY_ATTR, Dispatcher, fail_stale, requeue
 from prunesearch.search.storage import claim_sqlite, open_storage
 from prunesearch.search.study import create_or_check, make_sampler
 from prunesearch.spaces import ModelLayout, make_space
@@ -91,15 +91,34 @@ def _best(study: optuna.Study) -> list[float] | None:
 
 def _surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
     """Two drivers may ask at the same moment: a trial that finds ``target`` live trials numbered
-    before it is not needed. It is failed as surplus (its parameters re-enqueued if it was a retry)."""
+    before it is not needed, and is failed as surplus before anything is suggested for it. One
+    popped from the queue (a baseline, a retry) puts its fixed parameters back for whoever needs
+    them; a fresh one leaves nothing behind."""
     ahead = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *FINISHED)) if t.number < trial.number)
     if ahead < target:
         return False
+    fixed = study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+    attrs = dict(trial.user_attrs)
     trial.set_user_attr("surplus", True)
     study.tell(trial, state=TrialState.FAIL)
-    if trial.params:  # a popped WAITING trial: keep its parameters queued for whoever needs them
-        study.enqueue_trial(trial.params, user_attrs=trial.user_attrs, skip_if_exists=False)
+    if fixed:
+        study.enqueue_trial(fixed, user_attrs=attrs, skip_if_exists=False)
     return True
+
+
+def _retire_queued_retries(study: optuna.Study, target: int) -> int:
+    """A study that holds its target needs no queued retries (put back by a surplus trial while
+    another driver's trials were still running): fail them as surplus, so nothing is left waiting.
+    Claiming one first (WAITING -> RUNNING) fails if another driver popped it; that one runs."""
+    if count_finished(study) < target:
+        return 0
+    storage, n = study._storage, 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if RETRY_ATTR in t.user_attrs and storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+            storage.set_trial_user_attr(t._trial_id, "surplus", True)
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            n += 1
+    return n
 
 
 def _wait_for_other_drivers(study: optuna.Study, cfg: StudyConfig) -> None:
@@ -231,10 +250,10 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, dispatcher: Dispatch
         while stop is None and pool.idle and finished + running < target:
             trial = study.ask()
             running += 1
-            cand = space.suggest(trial)
             if not _surplus(study, trial, target):
-                dispatcher.submit(trial, cand.to_dict())
+                dispatcher.submit(trial, space.suggest(trial).to_dict())
         if not dispatcher.in_flight and (stop is not None or finished >= target):
+            _retire_queued_retries(study, target)
             return stop or "trials"
         # nothing of ours in flight but the study is not done: other drivers' (or stale) trials run
         for o in dispatcher.wait(timeout=1.0):
