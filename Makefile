@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo test bench clean postgres
+.PHONY: install demo test bench device-check clean postgres
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: $(STAMP)
 	$(PY) bench/search_quality.py --nsga3
 	$(PY) bench/scale.py
 	$(PY) bench/methods.py
+
+# every method and study kind on the accelerator (CUDA when present), checked against the CPU
+device-check: $(STAMP)
+	$(PY) bench/device_check.py --cpu-check
 
 clean:
 	rm -rf $(VENV) out *.egg-info

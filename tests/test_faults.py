@@ -50,6 +50,14 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(30)
 
 
+def cmdline(p: psutil.Process) -> str:
+    """A process's command line, or "" if it ended while we looked."""
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def assert_exact_and_retried(study: optuna.Study, target: int) -> None:
     assert len(study.get_trials(states=FINISHED)) == target
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
@@ -59,7 +67,7 @@ def assert_exact_and_retried(study: optuna.Study, target: int) -> None:
 
 
 def test_postgres_study_survives_a_killed_driver(tmp_path, capsys, postgres_url, ray_session):
-    cfg = study_config(tmp_path, trials=12, storage=postgres_url, study="pg-kill")
+    cfg = study_config(tmp_path, trials=30, storage=postgres_url, study="pg-kill")  # killed at 3: 27 to spare
     proc = start_driver(write_config(tmp_path, cfg))
     try:
         wait_finished(cfg, proc, 3)
@@ -72,7 +80,7 @@ def test_postgres_study_survives_a_killed_driver(tmp_path, capsys, postgres_url,
     code, out, err = run_cli(["resume", "--study", "pg-kill", "--storage", postgres_url, "--quiet"], capsys)
     assert code == 0, err
     study = load(cfg)
-    assert_exact_and_retried(study, 12)
+    assert_exact_and_retried(study, 30)
     assert sum(t.state == TrialState.FAIL for t in study.trials) >= orphaned  # failed (then re-run) once stale
 
     # the password lives only in the environment: not in the study, not in any output
@@ -85,7 +93,10 @@ def test_postgres_study_survives_a_killed_driver(tmp_path, capsys, postgres_url,
 
 
 def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, capsys, postgres_url, ray_session):
-    cfg = study_config(tmp_path, trials=40, storage=postgres_url, study="pg-two")  # enough for both to start
+    # trials of ~0.5 s (16 prompts of 128 tokens): the 58 left outlast the gap between the two
+    # drivers' start-ups (each starts its own Ray: 3-6 s apart, more on a loaded machine)
+    cfg = study_config(tmp_path, trials=60, storage=postgres_url, study="pg-two", reconstruction_samples=16,
+                       calibration={"samples": 16, "seq_len": 128})
     path = write_config(tmp_path, cfg)
     # one driver sets the study up (schema, config, baselines); then two run it at once
     code, _, err = run_cli(["launch", str(path), "--trials", "2", "--quiet"], capsys)
@@ -98,7 +109,7 @@ def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, cap
         for proc in drivers:
             stop(proc)
     study = load(cfg)
-    assert_exact_and_retried(study, 40)
+    assert_exact_and_retried(study, 60)
     by_driver = Counter(t.user_attrs.get("driver") for t in study.get_trials(states=FINISHED))
     assert len(by_driver) == 3, by_driver  # the set-up run and both drivers did work
     params = [tuple(sorted(t.params.items())) for t in study.get_trials(states=FINISHED)]
@@ -107,19 +118,18 @@ def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, cap
 
 
 def test_a_killed_evaluator_is_replaced_and_its_trial_rerun(tmp_path):
-    cfg = study_config(tmp_path, trials=14, study="worker-kill")
+    cfg = study_config(tmp_path, trials=30, study="worker-kill")  # killed at 2: 28 to spare
     proc = start_driver(write_config(tmp_path, cfg))
     try:
         wait_finished(cfg, proc, 2)
-        actors = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                  if "EvaluatorActor" in " ".join(p.cmdline())]
+        actors = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EvaluatorActor" in cmdline(p)]
         assert actors, "no evaluator actor process found"
         actors[0].kill()  # SIGKILL, mid-trial or between trials
         assert proc.wait(300) == 0, proc.stderr.read().decode()[-2000:]
     finally:
         stop(proc)
     study = load(cfg)
-    assert_exact_and_retried(study, 14)
+    assert_exact_and_retried(study, 30)
     lost = [t for t in study.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("worker_lost")]
     assert lost, "the killed actor's trial was not recorded as lost"
     workers = {t.user_attrs["worker"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
@@ -172,3 +182,36 @@ def test_a_surplus_trial_leaves_only_queued_work_behind_and_a_full_study_retires
     assert _retire_queued_retries(study, target) == 1
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
     assert study.trials[queued.number].user_attrs == {RETRY_ATTR: 1, "surplus": True}
+
+
+def _open_when_told(url: str, barrier, results) -> None:
+    from prunesearch.search.storage import open_storage
+
+    barrier.wait()
+    try:
+        open_storage(url)
+        results.put("ok")
+    except Exception as exc:  # what a driver would have died of
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_fresh_database_at_once_all_get_it(tmp_path):
+    """Optuna writes its version bookkeeping on every open; drivers (and a `status`) that open a
+    new study file at the same moment must not die of each other's CREATE TABLE."""
+    import multiprocessing
+
+    from prunesearch.errors import UserError
+    from prunesearch.search.storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    with pytest.raises(UserError, match="no study database .* yet"):
+        open_storage(url, create=False)  # a reader never creates it
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold Ray threads
+    barrier, results = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_open_when_told, args=(url, barrier, results)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [results.get(timeout=5) for _ in procs] == ["ok"] * 6
+    assert open_storage(url, create=False).get_all_studies() == []

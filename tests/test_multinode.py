@@ -36,7 +36,7 @@ def test_a_study_survives_losing_a_node(tmp_path, cluster):
     from prunesearch.search.storage import open_storage
 
     c, node = cluster
-    data = study_config(tmp_path, trials=30, study="two-nodes")
+    data = study_config(tmp_path, trials=60, study="two-nodes")  # the node dies well before the end
     data["workers"] = {"count": 2, "num_cpus": 1, "address": c.address}
     cfg = StudyConfig.model_validate(data)
 
@@ -59,7 +59,7 @@ def test_a_study_survives_losing_a_node(tmp_path, cluster):
     summary = run_study(cfg, progress=False)
     killer.join(timeout=30)
     study = optuna.load_study(study_name="two-nodes", storage=data["storage"])
-    assert summary.finished == len(study.get_trials(states=FINISHED)) == 30
+    assert summary.finished == len(study.get_trials(states=FINISHED)) == 60
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     nodes = {t.user_attrs["worker"].split(":")[0] for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert nodes == {HEAD_IP, NODE_IP}  # the study ran across both nodes

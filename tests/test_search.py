@@ -46,7 +46,10 @@ def write_config(tmp_path: Path, cfg: dict, name: str = "study.yaml") -> Path:
 
 
 def load(cfg: dict) -> optuna.Study:
-    return optuna.load_study(study_name=cfg["study"], storage=cfg["storage"])
+    """The study as a reader sees it: never creating the schema a starting driver is creating."""
+    from prunesearch.search.storage import open_storage
+
+    return optuna.load_study(study_name=cfg["study"], storage=open_storage(cfg["storage"], create=False))
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +250,56 @@ def test_a_study_on_a_model_with_blocks_removed_exports_what_it_measured(tmp_pat
     report = yaml.safe_load((tmp_path / "pruned" / "prune_report.json").read_text())
     assert report["removed_layers"]["blocks"] == best.user_attrs["removed_blocks"] and report["model"]["layers"] == 2
     assert report["reconstruction"]["pruned"]["frobenius"] == pytest.approx(best.value, rel=1e-4)
+
+
+class _OnePool:
+    """The pool surface a Dispatcher uses, over one real Ray actor that sleeps as told."""
+
+    def __init__(self):
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class Sleeper:
+            def evaluate(self, trial_id, cand):
+                time.sleep(cand["sleep"])
+                return {"worker": "sleeper", "ratios": [0.5], "achieved": 0.5, "pruned": False, "metric": "wanda",
+                        "named": {"frobenius": 1.0}, "timings": {}, "values": [1.0]}
+
+        self.idle = [Sleeper.remote()]
+        self.lost_actors = []
+
+    def poll(self):
+        pass
+
+    def lost(self, actor):
+        self.lost_actors.append(actor)
+
+
+def test_dispatcher_drops_a_trial_failed_as_stale_and_abandons_running_ones(tmp_path, ray_session):
+    """A starved driver whose own trial was failed as stale meanwhile gets an outcome, not a
+    crash; Ctrl-C with an evaluation in flight fails it as interrupted at once."""
+    from prunesearch.search.dispatch import Dispatcher
+    from prunesearch.search.storage import open_storage
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'd.db'}"), study_name="d")
+    pool = _OnePool()
+    dispatcher = Dispatcher(study, pool, heartbeat_s=1)
+    try:
+        trial = study.ask()
+        dispatcher.submit(trial, {"sleep": 1.0})
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # what another driver's stale check does
+        outcomes = []
+        while not outcomes:
+            outcomes = dispatcher.wait(timeout=5.0)
+        assert [o.state for o in outcomes] == ["stale"] and pool.idle and not pool.lost_actors
+        assert study.trials[trial.number].state == TrialState.FAIL and "worker" not in study.trials[trial.number].user_attrs
+
+        running = study.ask()
+        dispatcher.submit(running, {"sleep": 60.0})
+        t = time.monotonic()
+        assert [o.state for o in dispatcher.abandon()] == ["interrupted"]
+        assert time.monotonic() - t < 10 and not dispatcher.in_flight
+        assert study.trials[running.number].state == TrialState.FAIL
+        assert study.trials[running.number].user_attrs["interrupted"]
+    finally:
+        dispatcher.close()

@@ -7,12 +7,14 @@ state in one guarded update) and re-runs their parameters. So a crash loses only
 work, no trial is counted twice, and several drivers can share a study (on PostgreSQL).
 
 Each finished evaluation ends as one outcome: complete (with values), pruned, failed (the
-candidate's own error), or lost (the actor or its node died: the pool replaces the actor and
-the driver re-runs the trial).
+candidate's own error), lost (the actor or its node died: the pool replaces the actor and
+the driver re-runs the trial), or stale (a driver starved of CPU for the grace period had its
+own running trial failed by a stale check: the result is dropped, the retry queued then runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -37,8 +39,12 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 class Outcome:
     trial: optuna.Trial
     tag: Any  # what the caller attached (e.g. an NSGA-III individual's index)
-    state: str  # complete | pruned | failed | lost
+    state: str  # complete | pruned | failed | lost | stale (failed by a stale check while it ran) | interrupted
     values: list[float] | None = None
+
+
+class _Taken(Exception):
+    """The trial was finished by someone else while this driver ran it."""
 
 
 class Heartbeats:
@@ -149,14 +155,19 @@ class Dispatcher:
         return outcomes
 
     def abandon(self) -> list[Outcome]:
-        """Cancel every running evaluation; their trials are failed as interrupted."""
+        """Stop waiting for every running evaluation; their trials are failed as interrupted (the
+        pool's shutdown kills the actors that still compute them)."""
         import ray
 
         out = []
         for ref, (trial, actor, tag) in list(self.in_flight.items()):
-            ray.cancel(ref, force=True)
-            trial.set_user_attr("interrupted", True)
-            self.study.tell(trial, state=TrialState.FAIL)
+            try:
+                ray.cancel(ref)  # force=True is refused for actor tasks
+            except Exception as exc:
+                log.debug("cancel of trial %d: %s", trial.number, exc)
+            with contextlib.suppress(_Taken), self._unless_taken(trial):
+                trial.set_user_attr("interrupted", True)
+                self.study.tell(trial, state=TrialState.FAIL)
             self.beats.discard(trial._trial_id)
             out.append(Outcome(trial, tag, "interrupted"))
         self.in_flight.clear()
@@ -165,7 +176,27 @@ class Dispatcher:
     def close(self) -> None:
         self.beats.stop()
 
+    @contextlib.contextmanager
+    def _unless_taken(self, trial: optuna.Trial):
+        """Writes to a trial that another driver (or Optuna's stale check) failed while it ran,
+        because its heartbeats stopped for the grace period: they are dropped, not a crash."""
+        try:
+            yield
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            if not self.study._storage.get_trial(trial._trial_id).state.is_finished():
+                raise
+            raise _Taken from None
+
     def _tell(self, trial: optuna.Trial, ref, tag) -> Outcome:
+        try:
+            with self._unless_taken(trial):
+                return self._record(trial, ref, tag)
+        except _Taken:
+            log.warning("trial %d was failed as stale while it ran (no heartbeat for the grace period): its result "
+                        "is dropped; a retry of it was queued when it was failed", trial.number)
+            return Outcome(trial, tag, "stale")
+
+    def _record(self, trial: optuna.Trial, ref, tag) -> Outcome:
         import ray
 
         from prunesearch.workers.pool import is_worker_lost

@@ -124,7 +124,8 @@ def _retire_queued_retries(study: optuna.Study, target: int) -> int:
 def _wait_for_other_drivers(study: optuna.Study, cfg: StudyConfig) -> None:
     """An NSGA-III study takes one driver: wait for the trials of one that just died to go stale
     (at most the grace period); trials that keep their heartbeat belong to a live driver."""
-    deadline = time.monotonic() + cfg.search.grace_s + 2 * cfg.search.heartbeat_s
+    # SQLite stamps heartbeats to the second: a dead driver's last beat may look up to 2 s younger
+    deadline = time.monotonic() + cfg.search.grace_s + 3 * cfg.search.heartbeat_s + 5
     running = count_running(study)
     if running:
         log.warning("study %s has %d running trial(s) of another driver: waiting up to %ds for them to go stale",
@@ -261,6 +262,8 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, dispatcher: Dispatch
             if o.state == "lost":
                 requeue(study, o.trial)  # not the candidate's fault: run it again
                 continue
+            if o.state == "stale":
+                continue  # whoever failed it as stale queued it again
             failures_in_a_row = failures_in_a_row + 1 if o.state == "failed" else 0
             if failures_in_a_row >= max_failures:
                 error = study.trials[o.trial.number].user_attrs.get("error", "").strip().splitlines()

@@ -202,8 +202,8 @@ def _evaluate(study, cfg, space, dispatcher, generation, X, missing, F, t0, ctrl
                 F[i] = minimised(study, o.values)
                 failures_in_a_row = 0
                 bar.update(1)
-            elif o.state == "lost":
-                queue.appendleft(i)  # its worker died: run it again, not an attempt of its own
+            elif o.state in ("lost", "stale"):
+                queue.appendleft(i)  # its worker died (or its trial was failed as stale): run it again, not an attempt
             else:
                 failures_in_a_row += 1
                 if failures_in_a_row >= max_failures:

@@ -2,7 +2,8 @@
 
 SQLite (one file, the default) runs in WAL mode with a generous busy timeout so that the
 driver and its workers write concurrently without "database is locked"; PostgreSQL is what a
-cluster needs. Only the driver creates the schema: several processes creating it at once fail.
+cluster needs. Only drivers create the schema; processes that open a fresh database at the same
+moment retry the version bookkeeping Optuna writes on every open, instead of failing.
 
 Passwords never appear in a URL: a server URL names user, host and database, and the password
 comes from $PRUNESEARCH_DB_PASSWORD or the file named by $PRUNESEARCH_DB_PASSWORD_FILE (a
@@ -15,6 +16,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import time
 import warnings
 from pathlib import Path
 
@@ -105,13 +107,42 @@ def open_storage(url: str, *, create: bool = True, heartbeat: tuple[int, int] | 
     hb = {}
     if heartbeat is not None:
         hb = {"heartbeat_interval": heartbeat[0], "grace_period": heartbeat[1], "heartbeat_stale_trial_callback": on_stale}
+    full = parsed.render_as_string(hide_password=False)
+    for attempt in range(_RACE_RETRIES + 1):
+        try:
+            if not create:
+                _require_schema(full, engine_kwargs, url)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(full, engine_kwargs=engine_kwargs, skip_table_creation=not create, **hb)
+        except ImportError:
+            raise UserError(f"no database driver for '{parsed.drivername}' is installed") from None
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            if attempt < _RACE_RETRIES and _is_schema_race(exc):
+                time.sleep(0.1 * 2**attempt)  # another process is setting the schema up: it is there in a moment
+                continue
+            reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot reach the study database {mask_url(url)}: {reason}") from None
+    raise AssertionError("unreachable")
+
+
+# Optuna's RDBStorage writes its version row and alembic stamp whenever it opens a database, so
+# processes opening a fresh one at once (two drivers, a driver and `status`) collide on them.
+_RACE_RETRIES = 6
+_SCHEMA_RACE = ("already exists", "unique constraint", "duplicate key", "database is locked")
+
+
+def _is_schema_race(exc: Exception) -> bool:
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(s in text for s in _SCHEMA_RACE)
+
+
+def _require_schema(full_url: str, engine_kwargs: dict, shown: str) -> None:
+    """Readers never create the schema (only drivers do): no tables yet is a clear error."""
+    engine = sqlalchemy.create_engine(full_url, **engine_kwargs)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs,
-                                              skip_table_creation=not create, **hb)
-    except ImportError:
-        raise UserError(f"no database driver for '{parsed.drivername}' is installed") from None
-    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot reach the study database {mask_url(url)}: {reason}") from None
+        found = sqlalchemy.inspect(engine).has_table("alembic_version")  # Optuna's last step in setting one up
+    finally:
+        engine.dispose()
+    if not found:
+        raise UserError(f"no study database at {mask_url(shown)} yet: `prunesearch launch` creates it")
