@@ -308,9 +308,6 @@ class StudyConfig(Strict):
             if self.pruning.remove_layers:
                 raise ValueError("space.remove_layers searches how many blocks to remove: set pruning.remove_layers "
                                  "to 0 (it removes a fixed number before the search)")
-            if self.space.kv_bits:
-                raise ValueError("space.remove_layers cannot be searched with space.kv_bits yet: KV bits are chosen per "
-                                 "layer of the full model, and which layers remain depends on the trial")
             if self.search.sampler == "nsga3" or self.space.name == "optishear":
                 raise ValueError("space.remove_layers is searched by the tpe or random sampler over the blockwise or "
                                  "owl space, not by nsga3 / the optishear space")

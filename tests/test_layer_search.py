@@ -141,6 +141,23 @@ def test_evaluator_meets_the_full_models_budget_for_every_k_and_switches_exactly
     assert ev.resolve({"name": "uniform"}) == [0.5] * 3 and ev.k == 0  # baselines resolve on the full model
 
 
+def test_kv_bits_are_chosen_per_original_block_and_removed_blocks_keep_no_cache():
+    data = removal_config().model_dump()
+    data.update(space={**data["space"], "kv_bits": True}, objectives=["frobenius", "kv_bytes"],
+                kv_cache={**data["kv_cache"], "bits_choices": [16, 8, 4]})
+    ev = Evaluator(StudyConfig.model_validate(data))
+    bits = [16, 8, 4]
+    full = ev.evaluate(Candidate(ratios=[0.5] * 3, removed=0, kv_bits=bits))
+    one = ev.evaluate(Candidate(ratios=[0.5] * 3, removed=1, kv_bits=bits))
+    gone = one["removed_blocks"][0]
+    assert ev.kv_settings(Candidate(ratios=[0.5] * 3, kv_bits=bits)).bits == [b for i, b in enumerate(bits) if i != gone]
+    # SmolLM2's layers have the same KV width: a layer at the removed block's bits costs a third of three
+    same = ev.evaluate(Candidate(ratios=[0.5] * 3, removed=0, kv_bits=[bits[gone]] * 3))
+    assert one["named"]["kv_bytes"] == pytest.approx(full["named"]["kv_bytes"] - same["named"]["kv_bytes"] / 3)
+    back = ev.evaluate(Candidate(ratios=[0.5] * 3, removed=0, kv_bits=bits))
+    assert back["named"] == full["named"]
+
+
 # ---------------------------------------------------------------- spaces and configs
 
 
@@ -166,7 +183,6 @@ def test_spaces_search_k_and_baselines_remove_nothing():
     ({"space": {"remove_layers": [0, -1]}}, "space.remove_layers: block counts must be >= 0"),
     ({"space": {"remove_layers": [1, 1]}}, "listed twice"),
     ({"space": {"remove_layers": [0, 1]}, "pruning": {"sparsity": 0.5, "remove_layers": 1}}, "set pruning.remove_layers to 0"),
-    ({"space": {"remove_layers": [0, 1], "kv_bits": True}, "objectives": ["frobenius", "kv_bytes"]}, "per layer of the full model"),
     ({"space": {"name": "optishear", "remove_layers": [0, 1]}, "search": {"sampler": "nsga3"},
       "objectives": ["frobenius", "sparsity_deviation"]}, "not by nsga3"),
     ({"space": {"remove_layers": [0, 1]}, "pruning": {"sparsity": 0.5, "structure": "2:4"}}, "needs unstructured pruning"),
@@ -239,3 +255,29 @@ def test_the_sparsity_plot_puts_kept_ratios_on_their_original_blocks():
     assert units_on_full_model([0.4, 0.6, 0.5], [1], split=False) == ([0, 2, 3], [1])
     assert units_on_full_model([0.4, 0.5], [0], split=True) == ([2, 3], [0, 1])  # attention and MLP of block 0
     assert units_on_full_model([0.5, 0.5], [], split=False) == ([0, 1], [])
+
+
+def test_a_removal_and_kv_bits_study_exports_the_bits_of_the_kept_layers(tmp_path, capsys, ray_session):
+    cfg = study_config(tmp_path, trials=8, model={"max_layers": 3}, pruning={"sparsity": 0.5},
+                       space={"min_sparsity": 0.1, "remove_layers": [0, 1], "kv_bits": True},
+                       objectives=["frobenius", "kv_bytes"], kv_cache={"bits_choices": [16, 8, 4]},
+                       search={"sampler": "random"})
+    code, _, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
+    assert code == 0, err
+    complete = load(cfg).get_trials(states=(TrialState.COMPLETE,))
+    k1 = [t for t in complete if t.params["remove_layers"] == 1]
+    assert k1, "a k=1 trial should appear in 8 (6 drawn at random with a fixed seed: deterministic)"
+    trial = k1[0]
+    gone = trial.user_attrs["removed_blocks"][0]
+    exported = tmp_path / "k1.yaml"
+    code, _, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(exported),
+                            "--pick", f"trial {trial.number}"], capsys)
+    assert code == 0, err
+    data = yaml.safe_load(exported.read_text())
+    assert data["kv_cache"]["bits"] == [trial.params[f"kv{i:02d}"] for i in range(3) if i != gone]
+    code, _, err = run_cli(["prune", "--config", str(exported), "--out", str(tmp_path / "m"), "--quiet"], capsys)
+    assert code == 0, err
+    report = yaml.safe_load((tmp_path / "m" / "prune_report.json").read_text())
+    assert report["model"]["layers"] == 2
+    assert report["reconstruction"]["pruned"]["frobenius"] == pytest.approx(trial.values[0], rel=1e-4)
+    assert report["kv_cache"]["bytes_per_token"] == pytest.approx(trial.values[1])

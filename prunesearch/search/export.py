@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
-from prunesearch.spaces import Candidate
+from prunesearch.spaces import Candidate, kept_bits
 
 
 def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -99,6 +99,8 @@ def trial_candidate(cfg: StudyConfig, trial: FrozenTrial) -> Candidate:
     if ratios is None:
         raise UserError(f"trial {trial.number} holds no per-layer ratios (not evaluated by prunesearch)")
     kv = [int(trial.params[k]) for k in sorted(trial.params) if k.startswith("kv")] or None
+    if kv and cfg.space.remove_layers:  # chosen per block of the full model: the removed ones keep no cache
+        kv = kept_bits(kv, trial.user_attrs.get("removed_blocks") or [])
     return Candidate(ratios=ratios, split=cfg.space.split_attn_mlp, kv_bits=kv, metric=trial.user_attrs.get("metric"))
 
 

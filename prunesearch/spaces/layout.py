@@ -48,3 +48,10 @@ def unit_of(lin: PrunableLinear, split: bool) -> int:
 def block_to_units(block_ratios: list[float], split: bool) -> list[float]:
     """Per-block values as per-unit values (each block's twice: attention, MLP, when split)."""
     return [r for r in block_ratios for _ in range(2)] if split else list(block_ratios)
+
+
+def kept_bits(bits: list[int], removed: list[int]) -> list[int]:
+    """Per-layer KV bits chosen on the full model, for the layers left after ``removed`` (original
+    block indices) are gone."""
+    gone = set(removed)
+    return [b for i, b in enumerate(bits) if i not in gone]

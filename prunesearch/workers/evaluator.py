@@ -31,7 +31,7 @@ from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
 from prunesearch.pruning.engine import PruneSpec, collect_stats, resolve_group
 from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.masks import parse_structure
-from prunesearch.spaces import Candidate, ModelLayout, block_to_units, unit_of
+from prunesearch.spaces import Candidate, ModelLayout, block_to_units, kept_bits, unit_of
 from prunesearch.spaces.spaces import SearchSpace
 from prunesearch.workers.dense_cache import dense_key, from_blob, load_dense, save_dense, to_blob
 from prunesearch.workers.searched_removal import SearchedRemoval
@@ -156,8 +156,13 @@ class Evaluator:
         return ratios, masked / self.layout.total
 
     def kv_settings(self, cand: Candidate) -> KVCacheConfig:
-        """The study's KV quantization settings at this candidate's bits (16 = not quantized)."""
-        return self.cfg.kv_cache.model_copy(update={"bits": cand.kv_bits or [16] * self.layout.n_blocks})
+        """The study's KV quantization settings at this candidate's bits (16 = not quantized), for
+        the layers the model has now: a searched removal drops the bits of the removed blocks
+        (they keep no cache at all, which kv_bytes then counts)."""
+        bits = cand.kv_bits or [16] * self.layout.n_blocks
+        if self.searched:
+            bits = kept_bits(bits, self.searched.removed_blocks)
+        return self.cfg.kv_cache.model_copy(update={"bits": bits})
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, cand: Candidate | dict, on_batch: OnBatch | None = None) -> dict:
