@@ -14,6 +14,13 @@ Wanda, and the NSGA-III study's best trial within 0.002 of the budget (the found
 allocation), all on held-out perplexity, with the study's wall time on this machine's cores.
 
     python bench/search_quality.py --nsga3 [--sparsities 0.5 0.7] [--population 50 --evaluations 300]
+
+With ``--curve N`` it asks how many trials the search needs: TPE (the study's sampler) and
+random search each run N trials in-process (one evaluator, no Ray, an in-memory study, uniform
+and OWL enqueued first), and at each checkpoint the best trial so far (by the search objective)
+is scored on held-out perplexity. Meant for an accelerator, where a trial takes tens of ms.
+
+    python bench/search_quality.py --curve 600 [--checkpoints 25 50 100 200 400 600]
 """
 
 from __future__ import annotations
@@ -47,7 +54,14 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
     ap.add_argument("--population", type=int, default=50)
     ap.add_argument("--evaluations", type=int, default=300)
+    ap.add_argument("--curve", type=int, default=0, help="trials of the in-process trial-budget curve (TPE and random)")
+    ap.add_argument("--checkpoints", type=int, nargs="+", default=[25, 50, 100, 200, 400, 600, 1000])
+    ap.add_argument("--model", default=None, help="override the config's model (e.g. a .gguf path)")
+    ap.add_argument("--calibration", default=None, help="override the calibration source")
+    ap.add_argument("--evaluation", default="lee", help="held-out text for perplexity")
     args = ap.parse_args()
+    if args.curve:
+        return curve_main(args)
     if args.nsga3:
         if args.config.endswith("default.yaml"):
             args.config = str(ROOT / "configs" / "nsga3.yaml")
@@ -106,6 +120,57 @@ def main() -> None:
         print(f"| {name} | {f:,.4g} | {p:,.1f} |")
     print("\n# time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("# best per-block sparsity: " + " ".join(f"{r:.2f}" for r in best.user_attrs["ratios"]))
+
+
+def curve_main(args) -> None:
+    """Best-so-far objective and its held-out perplexity against the number of trials."""
+    import torch
+
+    from prunesearch.search.driver import make_study_space
+    from prunesearch.search.study import make_sampler
+    from prunesearch.workers.evaluator import Evaluator
+
+    cfg = load_config(StudyConfig, args.config)
+    cfg.search.pruner = "none"
+    if args.objective:
+        cfg.objectives = [args.objective]
+    if args.model:
+        cfg.model.name = args.model
+    if args.calibration:
+        cfg.calibration.source = args.calibration
+    t = time.perf_counter()
+    ev = Evaluator(cfg)
+    _, held_out = load_texts(ev.lm.tokenizer, cfg.calibration,
+                             EvalConfig(source=args.evaluation, samples=args.eval_samples, seq_len=512))
+    startup = time.perf_counter() - t
+    space = make_study_space(cfg, ev.layout)
+    objective = cfg.objectives[0]
+    checkpoints = sorted({c for c in args.checkpoints if c <= args.curve} | {args.curve})
+    device = torch.cuda.get_device_name() if ev.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# SmolLM2-135M on {device}; {cfg.pruning.metric} at {cfg.pruning.sparsity:.0%}, space {cfg.space.name}, "
+          f"objective {objective} on {tuple(ev.ref.ids.shape)} prompts; perplexity on {held_out.numel()} held-out "
+          f"{args.evaluation} tokens at 512; evaluator start-up {startup:.0f}s")
+    print(f"| sampler | trials | best {objective} | its held-out perplexity | best trial | wall s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in ("tpe", "random"):
+        cfg.search.sampler = name
+        study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg))
+        for baseline in cfg.search.baselines:
+            study.enqueue_trial(space.encode({"name": baseline, "params": {}}, None, ev.resolve), user_attrs={"baseline": baseline})
+        search_s = 0.0  # ask + evaluate + tell, without the checkpoints' perplexity
+        for n in range(1, args.curve + 1):
+            t = time.perf_counter()
+            trial = study.ask()
+            res = ev.evaluate(space.suggest(trial))
+            trial.set_user_attr("ratios", res["ratios"])
+            study.tell(trial, res["named"][objective])
+            search_s += time.perf_counter() - t
+            if n in checkpoints:
+                best = study.best_trial
+                ev.apply(Candidate(ratios=best.user_attrs["ratios"]))
+                ppl = perplexity(ev.model, held_out)
+                label = best.user_attrs.get("baseline", best.number)
+                print(f"| {name} | {n} | {best.value:.4g} | {ppl:,.1f} | {label} | {search_s:.0f} |", flush=True)
 
 
 def nsga3_main(args) -> None:
