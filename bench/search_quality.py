@@ -147,7 +147,7 @@ def curve_main(args) -> None:
     objective = cfg.objectives[0]
     checkpoints = sorted({c for c in args.checkpoints if c <= args.curve} | {args.curve})
     device = torch.cuda.get_device_name() if ev.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# SmolLM2-135M on {device}; {cfg.pruning.metric} at {cfg.pruning.sparsity:.0%}, space {cfg.space.name}, "
+    print(f"# {cfg.model.name} on {device}; {cfg.pruning.metric} at {cfg.pruning.sparsity:.0%}, space {cfg.space.name}, "
           f"objective {objective} on {tuple(ev.ref.ids.shape)} prompts; perplexity on {held_out.numel()} held-out "
           f"{args.evaluation} tokens at 512; evaluator start-up {startup:.0f}s")
     print(f"| sampler | trials | best {objective} | its held-out perplexity | best trial | wall s |")
@@ -167,7 +167,7 @@ def curve_main(args) -> None:
             search_s += time.perf_counter() - t
             if n in checkpoints:
                 best = study.best_trial
-                ev.apply(Candidate(ratios=best.user_attrs["ratios"]))
+                ev.apply(Candidate(ratios=best.user_attrs["ratios"], split=cfg.space.split_attn_mlp))
                 ppl = perplexity(ev.model, held_out)
                 label = best.user_attrs.get("baseline", best.number)
                 print(f"| {name} | {n} | {best.value:.4g} | {ppl:,.1f} | {label} | {search_s:.0f} |", flush=True)

@@ -103,6 +103,8 @@ def main() -> None:
     print(f"| prunesearch ({how}, {args.objective}) | {trial:.2f} | {dense_s:.2f} | {trial / dense_s:.2f} | "
           f"{3600 / trial:,.0f} | {statistics.median(mask_s) / trial:.0%} (median {statistics.median(mask_s):.2f}s, "
           f"max {max(mask_s):.2f}s) |")
+    print(f"evaluator peak memory: {peak:,.0f} MB RSS = {peak / model_mb:.2f}x the model ({model_mb:,.0f} MB of "
+          f"parameters); above the process's {base_rss:,.0f} MB before loading: {(peak - base_rss) / model_mb:.2f}x")
     ratios = cands[1].ratios
     del ev
     if not args.optishear_trials:
@@ -112,8 +114,6 @@ def main() -> None:
     print(f"| OptiShear-style (reload, recalibrate, dense logits, sort) | {o:.2f} | {dense_s:.2f} | {o / dense_s:.1f} | "
           f"{3600 / o:,.0f} | - |")
     print(f"\nspeed-up per trial: {o / trial:.1f}x")
-    print(f"evaluator peak memory: {peak:,.0f} MB RSS = {peak / model_mb:.2f}x the model ({model_mb:,.0f} MB of "
-          f"parameters); above the process's {base_rss:,.0f} MB before loading: {(peak - base_rss) / model_mb:.2f}x")
 
 
 if __name__ == "__main__":

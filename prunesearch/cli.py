@@ -243,7 +243,7 @@ def status(
     from prunesearch.search.storage import mask_url, open_storage
 
     out = Console()
-    store = open_storage(storage)
+    store = open_storage(storage, create=False)  # looking never creates a database
     if study is None:
         table = Table(title=f"studies in {mask_url(storage)}")
         for col in ("study", "trials", "finished", "objectives", "best"):

@@ -183,19 +183,27 @@ def test_a_surplus_trial_leaves_only_queued_work_behind_and_a_full_study_retires
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
     assert study.trials[queued.number].user_attrs == {RETRY_ATTR: 1, "surplus": True}
 
+    # one short of a larger target, a retry queued just before another driver's fresh trial: the
+    # queued one will run (ask pops the oldest first), so the fresh one is surplus, else 4 of 3
+    study.enqueue_trial({"x": 0.3}, user_attrs={RETRY_ATTR: 0})
+    fresh = optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+    assert _surplus(study, fresh, target + 1)
+    retry = study.ask()
+    assert not _surplus(study, retry, target + 1) and retry.number < fresh.number
+
 
 def _open_when_told(url: str, barrier, results) -> None:
     from prunesearch.search.storage import open_storage
 
-    barrier.wait()
     try:
+        barrier.wait(timeout=60)
         open_storage(url)
         results.put("ok")
     except Exception as exc:  # what a driver would have died of
         results.put(f"{type(exc).__name__}: {exc}")
 
 
-def test_processes_opening_a_fresh_database_at_once_all_get_it(tmp_path):
+def test_processes_opening_a_fresh_database_at_once_all_get_it(tmp_path, capsys):
     """Optuna writes its version bookkeeping on every open; drivers (and a `status`) that open a
     new study file at the same moment must not die of each other's CREATE TABLE."""
     import multiprocessing
@@ -204,14 +212,21 @@ def test_processes_opening_a_fresh_database_at_once_all_get_it(tmp_path):
     from prunesearch.search.storage import open_storage
 
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    with pytest.raises(UserError, match="no study database .* yet"):
-        open_storage(url, create=False)  # a reader never creates it
+    with pytest.raises(UserError, match="no study database at .*fresh.db"):
+        open_storage(url, create=False)  # a reader never creates it, not even the file
+    code, _, err = run_cli(["status", "--storage", url], capsys)
+    assert code == 2 and "no study database" in err and "Traceback" not in err
+    assert not (tmp_path / "fresh.db").exists()
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold Ray threads
     barrier, results = ctx.Barrier(6), ctx.Queue()
-    procs = [ctx.Process(target=_open_when_told, args=(url, barrier, results)) for _ in range(6)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [results.get(timeout=5) for _ in procs] == ["ok"] * 6
+    procs = [ctx.Process(target=_open_when_told, args=(url, barrier, results), daemon=True) for _ in range(6)]
+    try:
+        for p in procs:
+            p.start()
+        assert [results.get(timeout=120) for _ in procs] == ["ok"] * 6
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
     assert open_storage(url, create=False).get_all_studies() == []

@@ -17,7 +17,7 @@ from prunesearch.models import load_model
 from prunesearch.models.families import decoder_blocks
 from prunesearch.pruning.budget import weighted_mean
 from prunesearch.pruning.layer_removal import remove_blocks, replay_removal, restore_state, save_state
-from prunesearch.spaces import Candidate, ModelLayout, make_space
+from prunesearch.spaces import Candidate, ModelLayout, kept_bits, make_space
 from prunesearch.workers.evaluator import Evaluator
 from test_search import load, study_config, write_config
 
@@ -159,6 +159,12 @@ def test_kv_bits_are_chosen_per_original_block_and_removed_blocks_keep_no_cache(
 
 
 # ---------------------------------------------------------------- spaces and configs
+
+
+def test_kept_bits_follow_original_indices_whatever_the_removal_order():
+    assert kept_bits([16, 8, 4, 6], [2, 0]) == [8, 6]
+    assert kept_bits([16, 8, 4, 6], [0, 2]) == [8, 6]
+    assert kept_bits([16, 8], []) == [16, 8]
 
 
 def test_spaces_search_k_and_baselines_remove_nothing():

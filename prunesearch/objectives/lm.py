@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from prunesearch.models.forward import batches, final_hidden
 
-TOKEN_CHUNK = 256  # 256 x 49k-vocab float32 logits = 50 MB per tensor: bounded peak memory
+TOKEN_CHUNK = 128  # 128 x 49k-vocab float32 logits = 25 MB per tensor: bounded peak memory (256 cost +0.6x the model)
 
 
 def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

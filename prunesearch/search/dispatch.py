@@ -41,6 +41,7 @@ class Outcome:
     tag: Any  # what the caller attached (e.g. an NSGA-III individual's index)
     state: str  # complete | pruned | failed | lost | stale (failed by a stale check while it ran) | interrupted
     values: list[float] | None = None
+    dead_worker: bool = False  # a stale trial whose actor also died: the pool must replace it
 
 
 class _Taken(Exception):
@@ -147,7 +148,7 @@ class Dispatcher:
             trial, actor, tag = self.in_flight.pop(ref)
             outcome = self._tell(trial, ref, tag)
             self.beats.discard(trial._trial_id)
-            if outcome.state == "lost":
+            if outcome.state == "lost" or outcome.dead_worker:
                 self.pool.lost(actor)
             else:
                 self.pool.idle.append(actor)
@@ -156,7 +157,7 @@ class Dispatcher:
 
     def abandon(self) -> list[Outcome]:
         """Stop waiting for every running evaluation; their trials are failed as interrupted (the
-        pool's shutdown kills the actors that still compute them)."""
+        pool's shutdown kills the actors that still compute them), or found failed as stale."""
         import ray
 
         out = []
@@ -165,11 +166,15 @@ class Dispatcher:
                 ray.cancel(ref)  # force=True is refused for actor tasks
             except Exception as exc:
                 log.debug("cancel of trial %d: %s", trial.number, exc)
-            with contextlib.suppress(_Taken), self._unless_taken(trial):
-                trial.set_user_attr("interrupted", True)
-                self.study.tell(trial, state=TrialState.FAIL)
+            state = "interrupted"
+            try:
+                with self._unless_taken(trial):
+                    trial.set_user_attr("interrupted", True)
+                    self.study.tell(trial, state=TrialState.FAIL)
+            except _Taken:
+                state = "stale"  # whoever failed it re-queued it
             self.beats.discard(trial._trial_id)
-            out.append(Outcome(trial, tag, "interrupted"))
+            out.append(Outcome(trial, tag, state))
         self.in_flight.clear()
         return out
 
@@ -188,30 +193,32 @@ class Dispatcher:
             raise _Taken from None
 
     def _tell(self, trial: optuna.Trial, ref, tag) -> Outcome:
-        try:
-            with self._unless_taken(trial):
-                return self._record(trial, ref, tag)
-        except _Taken:
-            log.warning("trial %d was failed as stale while it ran (no heartbeat for the grace period): its result "
-                        "is dropped; a retry of it was queued when it was failed", trial.number)
-            return Outcome(trial, tag, "stale")
-
-    def _record(self, trial: optuna.Trial, ref, tag) -> Outcome:
         import ray
 
         from prunesearch.workers.pool import is_worker_lost
 
-        study = self.study
         try:
-            result = ray.get(ref)
+            result, error = ray.get(ref), None
         except ray.exceptions.RayError as exc:
-            lost = is_worker_lost(exc)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log.log(logging.WARNING if lost else logging.ERROR, "trial %d %s: %s", trial.number,
-                    "lost its worker" if lost else "failed", first)
-            trial.set_user_attr("worker_lost" if lost else "error", str(exc)[:2000] if not lost else True)
+            result, error = None, exc
+        dead = error is not None and is_worker_lost(error)
+        try:
+            with self._unless_taken(trial):
+                return self._record(trial, result, error, dead, tag)
+        except _Taken:
+            log.warning("trial %d was failed as stale while it ran (no heartbeat for the grace period): its result "
+                        "is dropped; a retry of it was queued when it was failed", trial.number)
+            return Outcome(trial, tag, "stale", dead_worker=dead)
+
+    def _record(self, trial: optuna.Trial, result: dict | None, error: Exception | None, dead: bool, tag) -> Outcome:
+        study = self.study
+        if error is not None:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            log.log(logging.WARNING if dead else logging.ERROR, "trial %d %s: %s", trial.number,
+                    "lost its worker" if dead else "failed", first)
+            trial.set_user_attr("worker_lost" if dead else "error", str(error)[:2000] if not dead else True)
             study.tell(trial, state=TrialState.FAIL)
-            return Outcome(trial, tag, "lost" if lost else "failed")
+            return Outcome(trial, tag, "lost" if dead else "failed")
         trial.set_user_attr("worker", result.get("worker"))
         trial.set_user_attr("ratios", result["ratios"])
         trial.set_user_attr("achieved_sparsity", result["achieved"])

@@ -91,33 +91,41 @@ def _best(study: optuna.Study) -> list[float] | None:
 
 def _surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
     """Two drivers may ask at the same moment: a trial that finds ``target`` live trials numbered
-    before it is not needed, and is failed as surplus before anything is suggested for it. One
-    popped from the queue (a baseline, a retry) puts its fixed parameters back for whoever needs
-    them; a fresh one leaves nothing behind."""
-    ahead = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *FINISHED)) if t.number < trial.number)
+    before it (queued, running or finished: all created before it, so the count can only have
+    dropped since) is not needed, and is failed as surplus before anything is suggested for it.
+    So the study never ends above its target. One popped from the queue (a baseline, a retry)
+    first puts its fixed parameters back for whoever needs them; a fresh one leaves nothing."""
+    live = (TrialState.WAITING, TrialState.RUNNING, *FINISHED)
+    ahead = sum(1 for t in study.get_trials(deepcopy=False, states=live) if t.number < trial.number)
     if ahead < target:
         return False
     fixed = study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
-    attrs = dict(trial.user_attrs)
+    if fixed:  # before failing it: a driver killed in between leaves a copy, not a lost baseline
+        study.enqueue_trial(fixed, user_attrs=dict(trial.user_attrs), skip_if_exists=False)
     trial.set_user_attr("surplus", True)
     study.tell(trial, state=TrialState.FAIL)
-    if fixed:
-        study.enqueue_trial(fixed, user_attrs=attrs, skip_if_exists=False)
     return True
 
 
 def _retire_queued_retries(study: optuna.Study, target: int) -> int:
     """A study that holds its target needs no queued retries (put back by a surplus trial while
-    another driver's trials were still running): fail them as surplus, so nothing is left waiting.
-    Claiming one first (WAITING -> RUNNING) fails if another driver popped it; that one runs."""
-    if count_finished(study) < target:
+    another driver's trials were still running): the last driver out fails them as surplus, so
+    nothing is left waiting. While another driver still runs trials (it may have a larger
+    target), they stay. Claiming one (WAITING -> RUNNING) fails if another driver got it first."""
+    if count_finished(study) < target or count_running(study):
         return 0
     storage, n = study._storage, 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if RETRY_ATTR in t.user_attrs and storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-            storage.set_trial_user_attr(t._trial_id, "surplus", True)
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            n += 1
+        if RETRY_ATTR not in t.user_attrs:
+            continue
+        try:
+            if not storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another driver retired or failed it meanwhile
+        storage.set_trial_user_attr(t._trial_id, "surplus", True)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        n += 1
     return n
 
 
@@ -234,7 +242,8 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, dispatcher: Dispatch
     while True:
         if ctrl_c.is_set():
             for o in dispatcher.abandon():
-                requeue(study, o.trial)
+                if o.state == "interrupted":  # a stale one was re-queued by whoever failed it
+                    requeue(study, o.trial)
             log.warning("interrupted: finished trials are saved; `prunesearch resume` re-runs the interrupted ones")
             return "interrupt"
         if time.monotonic() - last_stale_check > cfg.search.heartbeat_s:

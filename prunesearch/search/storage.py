@@ -2,8 +2,9 @@
 
 SQLite (one file, the default) runs in WAL mode with a generous busy timeout so that the
 driver and its workers write concurrently without "database is locked"; PostgreSQL is what a
-cluster needs. Only drivers create the schema; processes that open a fresh database at the same
-moment retry the version bookkeeping Optuna writes on every open, instead of failing.
+cluster needs. Only drivers create the schema (`status`, `export`, `report`, workers open with
+create=False); processes that open a fresh database at the same moment retry the version
+bookkeeping Optuna writes on every open, instead of failing.
 
 Passwords never appear in a URL: a server URL names user, host and database, and the password
 comes from $PRUNESEARCH_DB_PASSWORD or the file named by $PRUNESEARCH_DB_PASSWORD_FILE (a
@@ -75,11 +76,13 @@ def claim_sqlite(url: str) -> None:
     _driver_locks[parsed.database] = fd  # held (and released by the OS) for this process's life
 
 
-def _prepare_sqlite(url: sqlalchemy.URL) -> None:
+def _prepare_sqlite(url: sqlalchemy.URL, create: bool) -> None:
     db = url.database
     if not db or db == ":memory:":
         raise UserError("an in-memory SQLite study cannot be shared with workers or resumed: give a file, e.g. sqlite:///studies.db")
     path = Path(db)
+    if not create and not path.is_file():
+        raise UserError(f"no study database at {path}: `prunesearch launch` creates it (is the path right?)")
     if not path.parent.exists():
         raise UserError(f"cannot create the study database {path}: folder {path.parent} does not exist")
     with sqlite3.connect(path, timeout=60) as conn:
@@ -102,7 +105,7 @@ def open_storage(url: str, *, create: bool = True, heartbeat: tuple[int, int] | 
     parsed = _with_password(parsed)
     engine_kwargs: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
-        _prepare_sqlite(parsed)
+        _prepare_sqlite(parsed, create)
         engine_kwargs["connect_args"] = {"timeout": 60}
     hb = {}
     if heartbeat is not None:
@@ -129,7 +132,7 @@ def open_storage(url: str, *, create: bool = True, heartbeat: tuple[int, int] | 
 # Optuna's RDBStorage writes its version row and alembic stamp whenever it opens a database, so
 # processes opening a fresh one at once (two drivers, a driver and `status`) collide on them.
 _RACE_RETRIES = 6
-_SCHEMA_RACE = ("already exists", "unique constraint", "duplicate key", "database is locked")
+_SCHEMA_RACE = ("already exists", "unique constraint", "duplicate key")  # not "locked": that waited 60 s already
 
 
 def _is_schema_race(exc: Exception) -> bool:

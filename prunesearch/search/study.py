@@ -79,7 +79,7 @@ def _create(cfg: StudyConfig, name: str, storage) -> optuna.Study:
 
 
 def load_study_config(name: str, storage_url: str) -> tuple[StudyConfig, optuna.Study]:
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, create=False)  # resume, export, report: the study must exist
     if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
         raise UserError(f"no study '{name}' in {mask_url(storage_url)}: `prunesearch status --storage URL` lists them")
     study = optuna.load_study(study_name=name, storage=storage)
