@@ -188,6 +188,16 @@ def test_gram_identity_equals_naive_logit_difference(tiny_dirs):
     assert err["kl"] == pytest.approx(kl, rel=1e-4)
 
 
+def test_in_place_kl_matches_float64_on_a_real_vocabulary():
+    """The KL objective sums in place over 49k-wide chunks; it must stay as exact as float64 allows."""
+    from prunesearch.objectives.reconstruction import _kl_sum
+
+    torch.manual_seed(0)
+    p, d = torch.randn(128, 49152) * 4, torch.randn(128, 49152) * 4
+    exact = (d.double().log_softmax(-1).exp() * (d.double().log_softmax(-1) - p.double().log_softmax(-1))).sum().item()
+    assert _kl_sum(p.clone(), d.clone()) == pytest.approx(exact, rel=1e-6)
+
+
 def test_mrp_evens_out_redundancy_across_blocks(tiny_dirs):
     """MRP's fixed point: every block keeps about the same share of non-outlier weights."""
     from prunesearch.pruning.allocations import AllocationContext, mrp
