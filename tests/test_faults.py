@@ -217,6 +217,9 @@ def test_processes_opening_a_fresh_database_at_once_all_get_it(tmp_path, capsys)
     code, _, err = run_cli(["status", "--storage", url], capsys)
     assert code == 2 and "no study database" in err and "Traceback" not in err
     assert not (tmp_path / "fresh.db").exists()
+    (tmp_path / "notes.db").write_text("not a database, just text\n" * 100)
+    code, _, err = run_cli(["status", "--storage", f"sqlite:///{tmp_path / 'notes.db'}"], capsys)
+    assert code == 2 and "file is not a database" in err and "Traceback" not in err
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold Ray threads
     barrier, results = ctx.Barrier(6), ctx.Queue()
     procs = [ctx.Process(target=_open_when_told, args=(url, barrier, results), daemon=True) for _ in range(6)]

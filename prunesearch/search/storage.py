@@ -85,8 +85,11 @@ def _prepare_sqlite(url: sqlalchemy.URL, create: bool) -> None:
         raise UserError(f"no study database at {path}: `prunesearch launch` creates it (is the path right?)")
     if not path.parent.exists():
         raise UserError(f"cannot create the study database {path}: folder {path.parent} does not exist")
-    with sqlite3.connect(path, timeout=60) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file: concurrent readers and one writer
+    try:
+        with sqlite3.connect(path, timeout=60) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file: concurrent readers and one writer
+    except sqlite3.Error as exc:  # not a database, no permission, a full disk
+        raise UserError(f"cannot use {path} as a study database: {exc}") from None
 
 
 def open_storage(url: str, *, create: bool = True, heartbeat: tuple[int, int] | None = None,
@@ -120,6 +123,8 @@ def open_storage(url: str, *, create: bool = True, heartbeat: tuple[int, int] | 
                 return optuna.storages.RDBStorage(full, engine_kwargs=engine_kwargs, skip_table_creation=not create, **hb)
         except ImportError:
             raise UserError(f"no database driver for '{parsed.drivername}' is installed") from None
+        except RuntimeError as exc:  # Optuna: the schema is of another Optuna version
+            raise UserError(f"study database {mask_url(url)}: {str(exc).splitlines()[0]}") from None
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
             if attempt < _RACE_RETRIES and _is_schema_race(exc):
                 time.sleep(0.1 * 2**attempt)  # another process is setting the schema up: it is there in a moment
