@@ -83,3 +83,26 @@ def test_a_study_worker_runs_sparsegpt_per_trial_as_prune_does(monkeypatch):
     monkeypatch.setattr(evaluator_module, "collect_stats", lambda *a, **k: pytest.fail("calibration ran again"))
     again = Evaluator(cfg)  # X^T X comes back from the dense cache
     assert again.evaluate(Candidate(ratios=[0.5, 0.7]))["values"] == pytest.approx(res["values"], rel=1e-5)
+
+
+def test_layers_reading_one_input_share_one_hessian_factor():
+    """q/k/v (and gate/up) see the same input, so their X^T X are equal: one factor serves them,
+    and the masks are those of separate factors."""
+    from prunesearch.models import load_model, prunable_linears
+    from prunesearch.pruning.engine import collect_stats
+    from prunesearch.pruning.fastmask import FastMasker
+    from prunesearch.pruning.sparsegpt import HessianFactor, sparsegpt_prune
+
+    lm = load_model("default", device="cpu", max_layers=1)
+    linears = prunable_linears(lm.model)
+    stats = collect_stats(lm.model, linears, torch.randint(0, 1000, (4, 32)), 2, xtx=True)
+    masker = FastMasker(linears, stats, "sparsegpt")
+    masker.apply({l.name: 0.5 for l in linears})
+    by_name = {l.name.rsplit(".", 1)[-1]: masker.factors[l.name] for l in linears}
+    assert by_name["q_proj"] is by_name["k_proj"] is by_name["v_proj"]
+    assert by_name["gate_proj"] is by_name["up_proj"]
+    assert len({id(f) for f in masker.factors.values()}) == 4  # qkv, o, gate/up, down
+    for lin in linears:  # the shared factor gives exactly what a layer's own would
+        W = masker.dense[lin.name].clone()
+        sparsegpt_prune(W, HessianFactor(stats[lin.name].xtx), 0.5)
+        torch.testing.assert_close(lin.weight, W, rtol=0, atol=0)
