@@ -43,6 +43,25 @@ GRID_M = (3.0, 5.0, 7.0, 10.0)
 GRID_LAM = (0.02, 0.05, 0.08, 0.12, 0.2)
 
 
+def bench_config(args, objective_override: bool = True) -> StudyConfig:
+    """The study config with the command line's overrides (every mode takes the same ones)."""
+    cfg = load_config(StudyConfig, args.config)
+    cfg.search.pruner = "none"
+    if args.objective and objective_override:
+        cfg.objectives = [args.objective]
+    if args.model:
+        cfg.model.name = args.model
+    if args.calibration:
+        cfg.calibration.source = args.calibration
+    return cfg
+
+
+def held_out_ids(ev, cfg: StudyConfig, args):
+    _, held_out = load_texts(ev.lm.tokenizer, cfg.calibration, EvalConfig(source=args.evaluation, samples=args.eval_samples,
+                                                                          seq_len=512))
+    return held_out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
@@ -70,14 +89,11 @@ def main() -> None:
     from prunesearch.search.driver import run_study
     from prunesearch.workers.evaluator import Evaluator
 
-    cfg = load_config(StudyConfig, args.config)
-    cfg.search.pruner = "none"
-    if args.objective:
-        cfg.objectives = [args.objective]
+    cfg = bench_config(args)
     times: dict[str, float] = {}
     with timer(times, "evaluator start-up"):
         ev = Evaluator(cfg)
-    _, held_out = load_texts(ev.lm.tokenizer, cfg.calibration, EvalConfig(source="lee", samples=args.eval_samples, seq_len=512))
+    held_out = held_out_ids(ev, cfg, args)
 
     def score(cand: Candidate) -> tuple[float, float]:
         res = ev.evaluate(cand)
@@ -130,18 +146,10 @@ def curve_main(args) -> None:
     from prunesearch.search.study import make_sampler
     from prunesearch.workers.evaluator import Evaluator
 
-    cfg = load_config(StudyConfig, args.config)
-    cfg.search.pruner = "none"
-    if args.objective:
-        cfg.objectives = [args.objective]
-    if args.model:
-        cfg.model.name = args.model
-    if args.calibration:
-        cfg.calibration.source = args.calibration
+    cfg = bench_config(args)
     t = time.perf_counter()
     ev = Evaluator(cfg)
-    _, held_out = load_texts(ev.lm.tokenizer, cfg.calibration,
-                             EvalConfig(source=args.evaluation, samples=args.eval_samples, seq_len=512))
+    held_out = held_out_ids(ev, cfg, args)
     startup = time.perf_counter() - t
     space = make_study_space(cfg, ev.layout)
     objective = cfg.objectives[0]
@@ -181,7 +189,7 @@ def nsga3_main(args) -> None:
     from prunesearch.search.export import BUDGET_TOLERANCE, pick_trial
     from prunesearch.workers.evaluator import Evaluator
 
-    base = load_config(StudyConfig, args.config)
+    base = bench_config(args, objective_override=False)  # NSGA-III keeps its two objectives
     print(f"# SmolLM2-135M; NSGA-III over the meta metric and per-block S-d/S/S+d (d {base.space.params.get('step', 0.05)}), "
           f"objectives {', '.join(base.objectives)}; population {args.population}, {args.evaluations} evaluations; "
           f"{os.cpu_count()} CPU cores")
@@ -191,7 +199,7 @@ def nsga3_main(args) -> None:
         cfg = base.model_copy(deep=True)
         cfg.pruning.sparsity = sparsity
         ev = Evaluator(cfg)
-        _, held_out = load_texts(ev.lm.tokenizer, cfg.calibration, EvalConfig(source="lee", samples=args.eval_samples, seq_len=512))
+        held_out = held_out_ids(ev, cfg, args)
 
         def ppl(cand: Candidate, ev=ev) -> tuple[float, float]:
             _, achieved = ev.apply(cand)

@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from prunesearch.search.export import pick_trial
+from prunesearch.spaces import kept_units
 
 
 def _plt():
@@ -55,10 +56,9 @@ def history_plot(study: optuna.Study, out: Path) -> Path:
 def units_on_full_model(ratios: list[float], removed: list[int], split: bool) -> tuple[list[int], list[int]]:
     """x positions of a trial's ratios on the full model's units, and the units it removed: a
     trial of a study that searches block removal reports only its kept units' ratios."""
-    per = 2 if split else 1
-    gone = sorted(u for b in removed for u in range(b * per, b * per + per))
-    kept = [u for u in range(len(ratios) + len(gone)) if u not in set(gone)]
-    return kept, gone
+    total = len(ratios) + len(removed) * (2 if split else 1)
+    kept = kept_units(total, removed, split)
+    return kept, sorted(set(range(total)) - set(kept))
 
 
 def sparsity_plot(study: optuna.Study, out: Path) -> Path | None:

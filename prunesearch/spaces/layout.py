@@ -50,8 +50,13 @@ def block_to_units(block_ratios: list[float], split: bool) -> list[float]:
     return [r for r in block_ratios for _ in range(2)] if split else list(block_ratios)
 
 
-def kept_bits(bits: list[int], removed: list[int]) -> list[int]:
-    """Per-layer KV bits chosen on the full model, for the layers left after ``removed`` (original
-    block indices) are gone."""
+def kept_units(n_units: int, removed: list[int], split: bool) -> list[int]:
+    """Indices of the full model's units whose block was not removed (``removed``: original block
+    indices, in any order)."""
     gone = set(removed)
-    return [b for i, b in enumerate(bits) if i not in gone]
+    return [u for u in range(n_units) if (u // 2 if split else u) not in gone]
+
+
+def kept_bits(bits: list[int], removed: list[int]) -> list[int]:
+    """Per-layer KV bits chosen on the full model, for the layers left after ``removed`` are gone."""
+    return [bits[i] for i in kept_units(len(bits), removed, False)]

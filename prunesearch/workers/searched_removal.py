@@ -25,7 +25,7 @@ from prunesearch.pruning.engine import collect_stats
 from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.masks import NM
 from prunesearch.pruning.stats import ColumnStats
-from prunesearch.spaces import Candidate, ModelLayout, block_to_units, check_removal_choices, kept_target
+from prunesearch.spaces import Candidate, ModelLayout, block_to_units, check_removal_choices, kept_target, kept_units
 
 
 class SearchedRemoval:
@@ -121,8 +121,7 @@ class SearchedRemoval:
         sizes = self.layout.unit_sizes(cand.split)
         if len(cand.ratios) != len(sizes):
             raise UserError(f"candidate has {len(cand.ratios)} ratios, the full model has {len(sizes)} units")
-        gone = set(self.removed_blocks)
-        kept = [u for u in range(len(sizes)) if (u // 2 if cand.split else u) not in gone]
+        kept = kept_units(len(sizes), self.removed_blocks, cand.split)
         s = self.cfg.space
         return project_to_budget([cand.ratios[u] for u in kept], [sizes[u] for u in kept], target,
                                  s.min_sparsity, s.max_sparsity)
