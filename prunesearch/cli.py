@@ -125,8 +125,9 @@ def _print_prune_report(report: dict, out: Path | None) -> None:
     table.add_column("")
     table.add_column("dense", justify="right")
     table.add_column("pruned", justify="right")
-    ppl = report["perplexity"]
-    table.add_row(f"perplexity (seq {ppl['seq_len']})", _fmt(ppl["dense"]), _fmt(ppl["pruned"]))
+    if ppl := report.get("perplexity"):  # None with --eval none: no row at all
+        table.add_row(f"perplexity ({ppl['source']}, {ppl['samples']} x {ppl['seq_len']} tokens)",
+                      _fmt(ppl["dense"]), _fmt(ppl["pruned"]))
     if report["reconstruction"]:
         rec = report["reconstruction"]["pruned"]
         table.add_row("reconstruction ||dlogits||_F (relative)", "0", f"{rec['frobenius']:,.1f} ({rec['frobenius_rel']:.3f})")

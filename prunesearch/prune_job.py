@@ -139,8 +139,9 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         "stats_source": result.stats_source,
         "calibration": {**cfg.calibration.model_dump(), "tokens": int(calib.numel()), "selection": selection},
         "evaluation": None if held_out is None else {**cfg.evaluation.model_dump(), "tokens": int(held_out.numel())},
-        "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl,
-                       "seq_len": cfg.evaluation.seq_len if cfg.evaluation else None},
+        "perplexity": None if held_out is None else {  # None: no evaluation text (--eval none)
+            "dense": dense_ppl, "pruned": pruned_ppl, "source": cfg.evaluation.source,
+            "samples": int(held_out.shape[0]), "seq_len": int(held_out.shape[1])},
         "reconstruction": None if recon is None else {
             "prompts": len(recon_ids), "seq_len": cfg.calibration.seq_len,
             "dense": {k: 0.0 for k in recon}, "pruned": recon},

@@ -94,3 +94,15 @@ def test_hub_ids_fail_cleanly_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="cannot load model 'someone/tiny-model'"):
         load_model("someone/tiny-model")
+
+
+# ---------------------------------------------------------------- the prune report: what it measured, what it reused
+def test_the_perplexity_row_names_its_text_and_eval_none_has_none(capsys):
+    code, stdout, err = run_cli(["prune", "--sparsity", "0.5", *SMALL], capsys)
+    assert code == 0, err
+    assert "perplexity (lee, 4 x 64 tokens)" in stdout and "seq None" not in stdout
+    none = ["--max-layers", "2", "--calibration", "lee", "--calibration-samples", "8", "--seq-len", "64", "--quiet"]
+    code, stdout, err = run_cli(["prune", "--sparsity", "0.5", "--eval", "none", *none], capsys)
+    assert code == 0, err
+    assert "perplexity" not in stdout and " - " not in stdout
+    assert "sparsity" in stdout and "KL" in stdout
