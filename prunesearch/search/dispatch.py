@@ -2,9 +2,10 @@
 
 Every running trial has a heartbeat in the database while its driver lives. A driver that
 dies (SIGKILL, a lost node) stops beating; after the grace period any other driver, or the
-next ``resume``, fails those trials exactly once (Optuna's ``fail_stale_trials`` changes the
-state in one guarded update) and re-runs their parameters. So a crash loses only running
-work, no trial is counted twice, and several drivers can share a study (on PostgreSQL).
+next ``resume``, fails those trials exactly once (one conditional UPDATE RUNNING -> FAIL that
+only one process wins, on SQLite as on PostgreSQL) and re-runs their parameters. So a crash
+loses only running work, no trial is counted or re-run twice, and several drivers can share a
+study (on PostgreSQL; on one SQLite file they work but serialise their writes).
 
 Each finished evaluation ends as one outcome: complete (with values), pruned, failed (the
 candidate's own error), lost (the actor or its node died: the pool replaces the actor and
@@ -15,6 +16,8 @@ own running trial failed by a stale check: the result is dropped, the retry queu
 from __future__ import annotations
 
 import contextlib
+import copy
+import datetime
 import logging
 import os
 import socket
@@ -89,33 +92,62 @@ def requeue(study: optuna.Study, trial) -> None:
 
 
 def fail_stale(study: optuna.Study, grace_s: float, on_stale: Callable | None, mine: set[int]) -> int:
-    """Fail the trials of dead drivers: stale heartbeats (Optuna's check), and trials that never got
-    a heartbeat at all (a driver killed between creating a trial and its first beat)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # calls on_stale for each trial it failed
+    """Fail the trials of dead drivers and hand each to ``on_stale`` (e.g. ``requeue``), exactly once
+    across processes; return how many this call failed.
+
+    Stale: a RUNNING trial of this study whose last heartbeat is older than ``grace_s`` (both times
+    read from the database clock, as Optuna does), or one with no heartbeat at all that started
+    more than ``grace_s`` ago (its driver was killed between creating it and its first beat) and is
+    not one of ``mine``. Optuna's ``fail_stale_trials`` is not used: it reads the state and writes
+    FAIL in two steps under SELECT ... FOR UPDATE, which locks nothing on SQLite, so two drivers
+    that both saw the trial both "won" and both re-queued it. Here the change is one conditional
+    UPDATE (see ``_fail_if_running``) that only one process can win, on SQLite and PostgreSQL."""
+    from optuna.storages._rdb import models
+
     storage = study._storage
-    running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id not in mine]
-    old = [t for t in running if t.datetime_start and (time.time() - t.datetime_start.timestamp()) > grace_s]
-    if not old:
-        return 0
-    engine = getattr(storage, "_backend", storage).engine  # Optuna wraps RDBStorage in a cache
-    with engine.connect() as conn:  # Optuna's schema: trial_heartbeats(trial_id, heartbeat)
-        beating = {row[0] for row in conn.execute(
-            sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
-                sqlalchemy.bindparam("ids", expanding=True)), {"ids": [t._trial_id for t in old]})}
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in a cache
+    trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
+    query = (sqlalchemy.select(trials.c.trial_id, trials.c.datetime_start, beats.c.heartbeat)
+             .select_from(trials.outerjoin(beats, beats.c.trial_id == trials.c.trial_id))
+             .where(trials.c.study_id == study._study_id, trials.c.state == TrialState.RUNNING))
+    with backend.engine.connect() as conn:
+        rows = conn.execute(query).all()
+        db_now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar() if rows else None
+    grace = datetime.timedelta(seconds=grace_s)
+    stale = []
+    for trial_id, started, beat in rows:
+        if beat is not None:  # database clock against database clock (PostgreSQL: the server's zone)
+            if db_now.replace(tzinfo=None) - beat > grace:
+                stale.append(trial_id)
+        elif trial_id not in mine and started is not None and \
+                time.time() - started.replace(tzinfo=datetime.timezone.utc).timestamp() > grace_s:  # stored as UTC
+            stale.append(trial_id)
     n = 0
-    for t in old:
-        if t._trial_id in beating:
-            continue
-        try:
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                n += 1
-                if on_stale is not None:
-                    on_stale(study, storage.get_trial(t._trial_id))
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another driver failed it first
+    for trial_id in sorted(stale):
+        if not _fail_if_running(backend.engine, trial_id):
+            continue  # another driver failed it first (or its own driver finished it meanwhile)
+        n += 1
+        if on_stale is not None:
+            on_stale(study, copy.deepcopy(storage.get_trial(trial_id)))
     return n
+
+
+def _fail_if_running(engine: sqlalchemy.Engine, trial_id: int) -> bool:
+    """RUNNING -> FAIL as a compare-and-set: True for the one caller whose UPDATE changed the row.
+
+    PostgreSQL row-locks it and re-checks the WHERE after a concurrent update; SQLite evaluates
+    the WHERE under its database write lock (the UPDATE is the first statement of its transaction,
+    so the busy handler waits for the lock and then reads the latest state). The cached storage
+    always re-reads unfinished trials, so the study sees FAIL at its next read."""
+    from optuna.storages._rdb import models
+
+    trials = models.TrialModel.__table__
+    done = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)  # Optuna stores naive UTC
+    with engine.begin() as conn:
+        result = conn.execute(trials.update()
+                              .where(trials.c.trial_id == trial_id, trials.c.state == TrialState.RUNNING)
+                              .values(state=TrialState.FAIL, datetime_complete=done))
+        return result.rowcount == 1
 
 
 class Dispatcher:
