@@ -106,7 +106,7 @@ def study_cases(args) -> list[tuple[str, dict]]:
 
 def candidates(ev, cfg, n: int):
     """The uniform baseline (as the driver enqueues it) and ``n`` random candidates."""
-    from prunesearch.search.driver import make_study_space
+    from prunesearch.spaces import make_study_space
 
     space = make_study_space(cfg, ev.layout)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

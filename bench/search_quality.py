@@ -142,7 +142,7 @@ def curve_main(args) -> None:
     """Best-so-far objective and its held-out perplexity against the number of trials."""
     import torch
 
-    from prunesearch.search.driver import make_study_space
+    from prunesearch.spaces import make_study_space
     from prunesearch.search.study import make_sampler
     from prunesearch.workers.evaluator import Evaluator
 

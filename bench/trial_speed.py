@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--objective", default="frobenius", help="study objective to time (frobenius skips the lm_head, kl pays it)")
     args = ap.parse_args()
 
-    from prunesearch.search.driver import make_study_space
+    from prunesearch.spaces import make_study_space
     from prunesearch.workers.evaluator import Evaluator
 
     cfg = load_config(StudyConfig, args.config)

@@ -20,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich's boxes cut long option names at 80 columns
 )
 console = Console(stderr=True)
 
@@ -40,6 +41,17 @@ def _set(data: dict, dotted: str, value: Any) -> None:
             node[key] = {}
         node = node[key]
     node[leaf] = value
+
+
+def _override(data: dict, flags: dict[str, tuple[str, Any]]) -> dict[str, str]:
+    """Apply the flags the user gave (dotted path -> (flag, value)); returns dotted path -> flag
+    for those, so a bad value is blamed on the flag, not on the config file."""
+    given = {}
+    for dotted, (flag, value) in flags.items():
+        if value is not None:
+            _set(data, dotted, value)
+            given[dotted] = flag
+    return given
 
 
 @app.command()
@@ -78,29 +90,34 @@ def prune(
     from prunesearch.prune_job import run_prune
 
     data = read_yaml(config) if config else {}
-    for dotted, value in {
-        "model.name": model, "model.dtype": dtype, "model.device": device, "model.max_layers": max_layers,
-        "model.trust_remote_code": trust_remote_code or None,
-        "pruning.metric": metric, "pruning.sparsity": sparsity, "pruning.allocation": allocation,
-        "pruning.structure": structure, "pruning.group": group, "pruning.mode": mode,
-        "pruning.bias_compensation": bias_compensation, "pruning.remove_layers": remove_layers,
-        "pruning.compensate": compensate,
-        "calibration.source": calibration, "calibration.samples": calibration_samples,
-        "calibration.seq_len": seq_len, "calibration.seed": seed, "calibration.batch_size": batch_size,
-        "calibration.select": calibration_select,
-    }.items():
-        _set(data, dotted, value)
+    flags = _override(data, {
+        "model.name": ("--model", model), "model.dtype": ("--dtype", dtype), "model.device": ("--device", device),
+        "model.max_layers": ("--max-layers", max_layers),
+        "model.trust_remote_code": ("--trust-remote-code", trust_remote_code or None),
+        "pruning.metric": ("--metric", metric), "pruning.sparsity": ("--sparsity", sparsity),
+        "pruning.allocation": ("--allocation", allocation), "pruning.structure": ("--structure", structure),
+        "pruning.group": ("--group", group), "pruning.mode": ("--mode", mode),
+        "pruning.bias_compensation": ("--bias-compensation", bias_compensation),
+        "pruning.remove_layers": ("--remove-layers", remove_layers), "pruning.compensate": ("--compensate", compensate),
+        "calibration.source": ("--calibration", calibration), "calibration.samples": ("--calibration-samples", calibration_samples),
+        "calibration.seq_len": ("--seq-len", seq_len), "calibration.seed": ("--seed", seed),
+        "calibration.batch_size": ("--batch-size", batch_size), "calibration.select": ("--calibration-select", calibration_select),
+    })
     if structure and sparsity is None and ":" in structure and "sparsity" not in data.get("pruning", {}):
         n, _, m = structure.partition(":")
-        if n.isdigit() and m.isdigit() and int(m):
+        if n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
             _set(data, "pruning.sparsity", int(n) / int(m))  # 2:4 alone means 50%
+            flags["pruning.sparsity"] = f"--structure {structure} (sparsity {n}/{m})"
     if eval_source == "none":
         data["evaluation"] = None
     else:
-        for dotted, value in {"evaluation.source": eval_source, "evaluation.samples": eval_samples,
-                              "evaluation.seq_len": eval_seq_len, "evaluation.batch_size": batch_size}.items():
-            _set(data, dotted, value)
-    cfg = validate(PruneConfig, data, str(config) if config else "options")
+        flags |= _override(data, {"evaluation.source": ("--eval", eval_source), "evaluation.samples": ("--eval-samples", eval_samples),
+                                  "evaluation.seq_len": ("--eval-seq-len", eval_seq_len),
+                                  "evaluation.batch_size": ("--batch-size", batch_size)})
+    cfg = validate(PruneConfig, data, str(config) if config else "options", flags)
+    from prunesearch.preflight import check_prune
+
+    check_prune(cfg, out, overwrite)  # seconds, before the model loads: every mistake found so far is one line
     _quiet_libraries(quiet)
     report = run_prune(cfg, out, overwrite=overwrite, progress=not quiet)
     _print_prune_report(report, out)
@@ -137,16 +154,43 @@ def _print_prune_report(report: dict, out: Path | None) -> None:
     blocks = " ".join(f"{b['target']:.2f}" if not isinstance(b["target"], list) else "/".join(f"{x:.2f}" for x in b["target"])
                       for b in report["blocks"])
     out_console.print(f"per-block sparsity: {blocks}")
+    pruned, total, goal = report["pruned_weights"], report["prunable_weights"], report["target_weights"]
+    budget = f"round({report['target_sparsity']} x {total:,})"
+    if pruned == goal:
+        out_console.print(f"weights pruned: {pruned:,} of {total:,}, exactly {budget}", soft_wrap=True)
+    else:  # N:M: each layer prunes whole multiples of 1/M
+        out_console.print(f"weights pruned: {pruned:,} of {total:,}, {pruned - goal:+,} against {budget} = {goal:,}"
+                          + (f" ({report['structure']}: whole multiples of 1/M per layer)" if ":" in report["structure"] else ""),
+                          soft_wrap=True)
     t = report["timings"]
     out_console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     if out is not None:
         out_console.print(f"saved to {out} (report: {out}/prune_report.json)")
 
 
+def _quiet_optuna() -> None:
+    """Our lines only: Optuna's own INFO lines ("A new study created ...") are not for users."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM stops every command as Ctrl-C does (the driver then re-queues its running trials)."""
+    import signal
+
+    def handler(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
     """Entry point: user errors become one line and exit code 2."""
     logging.basicConfig(level=os.environ.get("PRUNESEARCH_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    _sigterm_as_interrupt()
     try:
+        _quiet_optuna()
         app()
     except UserError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -171,7 +215,9 @@ def _summary_line(summary) -> str:
 
 @app.command()
 def launch(
-    config: Path = typer.Argument(..., help="Study config YAML (see configs/default.yaml)."),
+    config: Path = typer.Argument(..., help="Study config YAML, e.g. configs/default.yaml. Every key has a default "
+                                                "(the schema's), but an empty file is an error: copy configs/default.yaml "
+                                                "and change what you need."),
     trials: Optional[int] = typer.Option(None, help="Finished trials the study ends with (overrides search.trials)."),
     study: Optional[str] = typer.Option(None, help="Study name (default: derived from the config and its hash)."),
     storage: Optional[str] = typer.Option(None, help=STORAGE_HELP),
@@ -185,25 +231,21 @@ def launch(
     from prunesearch.config import StudyConfig, read_yaml, validate
 
     data = read_yaml(config)
-    for dotted, value in {"search.trials": trials, "study": study, "storage": storage, "workers.count": _count(workers),
-                          "workers.address": address, "search.timeout_s": timeout}.items():
-        _set(data, dotted, value)
-    cfg = validate(StudyConfig, data, str(config))
+    flags = _override(data, {"search.trials": ("--trials", trials), "study": ("--study", study), "storage": ("--storage", storage),
+                             "workers.count": ("--workers", workers), "workers.address": ("--address", address),
+                             "search.timeout_s": ("--timeout", timeout)})
+    cfg = validate(StudyConfig, data, str(config), flags)
     _run(cfg, quiet)
-
-
-def _count(workers: str | None) -> int | str | None:
-    return int(workers) if workers is not None and workers.strip().isdigit() else workers
 
 
 def _run(cfg, quiet: bool) -> None:
     _quiet_libraries(quiet)
     from prunesearch.search.driver import run_study
-    from prunesearch.search.storage import mask_url
 
-    console.print(f"study [bold]{cfg.study or cfg.default_study_name()}[/] in {mask_url(cfg.storage)}: "
-                  f"{cfg.search.trials} trials, objectives {', '.join(cfg.objectives)}", highlight=False, soft_wrap=True)
-    summary = run_study(cfg, progress=not quiet)
+    def say(line: str) -> None:  # the start-up stages, with or without --quiet (which drops the bars)
+        console.print(line, highlight=False, soft_wrap=True)
+
+    summary = run_study(cfg, progress=not quiet, say=say)
     Console().print(_summary_line(summary), highlight=False)
     if summary.stopped_by == "interrupt":
         sys.exit(130)
@@ -223,13 +265,12 @@ def resume(
     from prunesearch.search.study import load_study_config
 
     cfg, _ = load_study_config(study, storage)
-    updates = {"search.trials": trials, "workers.count": _count(workers), "workers.address": address}
     data = cfg.model_dump(mode="json")
-    for dotted, value in updates.items():
-        _set(data, dotted, value)
+    flags = _override(data, {"search.trials": ("--trials", trials), "workers.count": ("--workers", workers),
+                             "workers.address": ("--address", address)})
     from prunesearch.config import StudyConfig, validate
 
-    _run(validate(StudyConfig, data, f"study '{study}'"), quiet)
+    _run(validate(StudyConfig, data, f"study '{study}'", flags), quiet)
 
 
 @app.command()
@@ -244,7 +285,7 @@ def status(
     from prunesearch.search.storage import mask_url, open_storage
 
     out = Console()
-    store = open_storage(storage, create=False)  # looking never creates a database
+    store = open_storage(storage, readonly=True)  # looking never creates, nor changes, a database
     if study is None:
         table = Table(title=f"studies in {mask_url(storage)}")
         for col in ("study", "trials", "finished", "objectives", "best"):
@@ -256,11 +297,14 @@ def status(
             if len(st.directions) == 1 and any(t.state.name == "COMPLETE" for t in finished):
                 best = f"{st.best_value:.6g}"
             table.add_row(s.study_name, str(s.n_trials), str(len(finished)), ", ".join(st.user_attrs.get("objectives", [])), best)
+        if not table.rows:
+            out.print(f"no studies in {mask_url(storage)} yet: `prunesearch launch CONFIG` starts one", highlight=False)
+            return
         out.print(table)
         return
     from prunesearch.search.study import load_study_config
 
-    _cfg, st = load_study_config(study, storage)
+    _cfg, st = load_study_config(study, storage, readonly=True)
     _print_study(st, limit, out)
 
 
@@ -270,8 +314,14 @@ def _print_study(st, limit: int, out: Console) -> None:
     names = st.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(st.directions))]
     trials = st.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    if not trials:
+        out.print(f"study {st.study_name}: no trials yet (`prunesearch resume --study {st.study_name}` runs it)", highlight=False)
+        return
     out.print(f"study {st.study_name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v), highlight=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        out.print("no complete trial yet: nothing to rank", highlight=False)
+        return
     front = {t.number for t in st.best_trials} if complete else set()
     complete.sort(key=lambda t: tuple(v if d.name == "MINIMIZE" else -v for v, d in zip(t.values, st.directions)))
     table = Table(title="complete trials, best first" + (" (* = Pareto front)" if len(names) > 1 else ""))
@@ -280,7 +330,9 @@ def _print_study(st, limit: int, out: Console) -> None:
         table.add_column(n, justify="right")
     table.add_column("sparsity", justify="right")
     table.add_column("note")
-    for t in complete[:limit]:
+    # the best `limit`, and the baselines wherever they rank: they are what the user compares with
+    shown = complete[:limit] + [t for t in complete[limit:] if "baseline" in t.user_attrs]
+    for t in shown:
         mark = "*" if (len(names) > 1 and t.number in front) else ""
         note = _trial_note(t)
         table.add_row(f"{t.number}{mark}", *[f"{v:.6g}" for v in t.values],
@@ -322,18 +374,17 @@ def export(
     from prunesearch.search.export import llmcompressor_recipe, pick_trial, prune_config, write_yaml
     from prunesearch.search.study import load_study_config
 
-    cfg, st = load_study_config(study, storage)
-    trial = pick_trial(st, pick)
-    recipe_path = out.with_name(out.stem + ".recipe.yaml")
-    for path in (out, recipe_path):
-        if path.exists() and not overwrite:
-            raise UserError(f"{path} already exists: choose another --out or pass --overwrite")
-    if apply is not None:
-        from prunesearch.models.saving import check_output_dir
+    from prunesearch.preflight import check_output, check_prune
 
-        check_output_dir(apply, overwrite)
+    recipe_path = out.with_name(out.stem + ".recipe.yaml")
+    check_output(out, "file", overwrite, "--out")
+    check_output(recipe_path, "file", overwrite, "--out (its recipe)")
+    cfg, st = load_study_config(study, storage, readonly=True)
+    trial = pick_trial(st, pick)
     data = prune_config(cfg, trial)
     exported = validate(PruneConfig, data, "exported config")  # never write what prune would refuse
+    if apply is not None:
+        check_prune(exported, apply, overwrite)  # before anything is written
     names = st.user_attrs.get("objectives", [])
     values = ", ".join(f"{n} {v:.6g}" for n, v in zip(names, trial.values))
     header = f"# prunesearch export: study {study}, trial {trial.number} ({values})\n# apply: prunesearch prune --config {out.name} --out DIR"
@@ -361,11 +412,38 @@ def report(
     study: str = typer.Option(..., help="Study to plot."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the PNG plots."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
+    overwrite: bool = typer.Option(False, help="Write into --out even if it already holds files."),
 ) -> None:
     """PNG plots: optimisation history, per-layer sparsity (best vs uniform vs OWL), Pareto front."""
+    from optuna.trial import TrialState
+
+    from prunesearch.preflight import check_output
     from prunesearch.search.report import write_report
     from prunesearch.search.study import load_study_config
 
-    _cfg, st = load_study_config(study, storage)
+    check_output(out, "dir", overwrite, "--out")
+    _cfg, st = load_study_config(study, storage, readonly=True)
+    if not st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        Console().print(f"study {study} has no complete trial yet: nothing to plot (no file written)", highlight=False)
+        return
     for path in write_report(st, out):
         Console().print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def delete(
+    study: str = typer.Option(..., help="Study to delete, with all its trials."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete a study and its trials from the database (asks first, unless --yes)."""
+    from prunesearch.search.study import delete_study, load_study_config
+
+    _cfg, st = load_study_config(study, storage, readonly=True)  # there, and a prunesearch study
+    n = len(st.get_trials(deepcopy=False))
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"deleting study '{study}' ({n} trials) needs confirmation: pass --yes")
+        typer.confirm(f"delete study '{study}' and its {n} trials?", abort=True)
+    n = delete_study(study, storage)
+    Console().print(f"deleted study {study} ({n} trials)", highlight=False)

@@ -7,7 +7,7 @@ the search extends it. Unknown keys are errors, so a typo never silently falls b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -108,6 +108,20 @@ class PruneConfig(Strict):
     kv_cache: KVCacheConfig | None = Field(None, description="evaluate with the KV cache quantized at kv_cache.bits per layer")
 
 
+def storage_url_problem(url: str) -> str | None:
+    """Why a storage string is not a database URL (with what it probably meant), or None."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url)
+        return None
+    except Exception:
+        pass
+    if "://" not in url and url.strip():
+        return f"not a database URL (a SQLite file is written sqlite:///{url})"
+    return "not a database URL (e.g. sqlite:///studies.db or postgresql+psycopg://user@host/db)"
+
+
 def _as_value_error(fn) -> None:
     try:
         fn()
@@ -115,36 +129,73 @@ def _as_value_error(fn) -> None:
         raise ValueError(str(exc)) from None
 
 
-def format_validation_error(exc: ValidationError, where: str = "config") -> str:
-    """One line: every problem as dotted.path: message."""
-    parts = []
+# Keys only one of the two kinds of config has: a file given to the wrong command says so.
+_STUDY_ONLY = {"search", "space", "objectives", "workers", "storage", "study"}
+_PRUNE_ONLY = {"pruning.allocation", "pruning.mode", "pruning.bias_compensation", "pruning.remove_blocks",
+               "pruning.max_sparsity"}
+
+
+def _wrong_kind(cls: type[BaseModel], exc: ValidationError) -> str | None:
+    extra = {".".join(str(p) for p in e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"}
+    if cls is PruneConfig and extra & _STUDY_ONLY:
+        return "this is a study config (it has " + ", ".join(sorted(extra & _STUDY_ONLY)) + "): run it with `prunesearch launch FILE`"
+    if cls is StudyConfig and extra & _PRUNE_ONLY:
+        return ("this is a pruning config (it has " + ", ".join(sorted(extra & _PRUNE_ONLY)) + "), as `prunesearch export` "
+                "writes: apply it with `prunesearch prune --config FILE`")
+    return None
+
+
+def format_validation_error(exc: ValidationError, where: str = "config", flags: dict[str, str] | None = None,
+                            cls: type[BaseModel] | None = None) -> str:
+    """One line: every problem as dotted.path: message. A value that came from a command-line
+    flag is blamed on the flag (``flags``: dotted path -> flag), not on the file."""
+    if cls is not None and (hint := _wrong_kind(cls, exc)):
+        return f"{where}: {hint}"
+    parts, flag_parts = [], []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
-    return f"{where}: " + "; ".join(parts)
+        flag = (flags or {}).get(loc)
+        if flag:
+            flag_parts.append(f"{flag} {err.get('input')!r}: {msg}" if "input" in err else f"{flag}: {msg}")
+        else:
+            parts.append(f"{loc}: {msg}")
+    lines = flag_parts + ([f"{where}: " + "; ".join(parts)] if parts else [])
+    return "; ".join(lines)
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A config file as a dict; a missing, empty or malformed file is a one-line error (with the
+    line number for YAML syntax)."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{path} is a directory, not a config file: give a YAML file such as configs/default.yaml")
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (a YAML config was expected)") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML ({where}{problem})") from None
+    if data is None or data == {}:
+        raise UserError(f"{path} is empty: a config must say what to do; start from a copy of configs/default.yaml "
+                        f"(study) or an exported pruning config")
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections")
     return data
 
 
-def validate(cls: type[BaseModel], data: dict, where: str = "config"):
+def validate(cls: type[BaseModel], data: dict, where: str = "config", flags: dict[str, str] | None = None):
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise UserError(format_validation_error(exc, where)) from None
+        raise UserError(format_validation_error(exc, where, flags, cls)) from None
 
 
 def load_config(cls: type[BaseModel], path: str | Path):
@@ -234,13 +285,26 @@ class SearchConfig(Strict):
 
 
 class WorkersConfig(Strict):
-    count: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(1, description="evaluator actors (each holds one model copy); auto: one per "
+    count: int | Literal["auto"] = Field(1, description="evaluator actors (each holds one model copy); auto: one per "
                                                         "GPU in the cluster when num_gpus > 0, else as many as its CPUs fit")
     num_cpus: float = Field(1, gt=0, description="Ray CPUs per actor")
     num_gpus: float = Field(0, ge=0, description="Ray GPUs per actor")
     memory_gb: float | None = Field(None, gt=0, description="Ray memory reserved per actor (places actors by memory too)")
     threads: int | None = Field(None, ge=1, description="torch threads per actor (default: num_cpus)")
     address: str | None = Field(None, description="Ray cluster address (auto or HOST:PORT); null starts Ray in-process")
+    connect_timeout_s: float = Field(30, gt=0, description="how long to wait for the Ray cluster at `address` before "
+                                                           "giving up with an error")
+
+    @field_validator("count", mode="before")
+    @classmethod
+    def _count(cls, v: Any) -> Any:
+        """One message for both forms (pydantic's own lists the union's internals)."""
+        text = str(v).strip()
+        if text == "auto":
+            return "auto"
+        if isinstance(v, bool) or not text.isdigit() or int(text) < 1:
+            raise ValueError("a number of evaluator actors >= 1, or auto")
+        return int(text)
 
 
 class StudyPruningConfig(Strict):
@@ -277,6 +341,13 @@ class StudyConfig(Strict):
     storage: str = Field("sqlite:///studies.db", description="any SQLAlchemy URL; PostgreSQL on a cluster")
     study: str | None = Field(None, description="study name; default derived from the config")
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+
+    @field_validator("storage")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        if (problem := storage_url_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
 
     @field_validator("objectives")
     @classmethod

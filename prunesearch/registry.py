@@ -1,14 +1,20 @@
 """Name -> implementation registries, so configs and the CLI pick methods by name.
 
-A method spec is ``name`` or ``name:key=value,key=value`` (e.g. ``owl:M=7,lambda=0.1``); values
-are parsed as int, float or bool when they look like one.
+A method spec is ``name`` or ``name:key=value,key=value`` (e.g. ``owl:M=7,lam=0.1``); values
+are parsed as int, float or bool when they look like one, then checked against the function's
+own annotations (``Annotated[float, Field(gt=0)]``, a ``Literal`` of choices), so a wrong key,
+type or range is a one-line error when the config is read, not a crash deep in the work.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from pydantic import TypeAdapter, ValidationError
 
 from prunesearch.errors import UserError
 
@@ -58,7 +64,28 @@ class Registry:
         if unknown:
             hint = ", ".join(allowed) or "none"
             raise UserError(f"{self.kind} '{name}' has no parameter {', '.join(unknown)} (it takes: {hint})")
-        return entry, params
+        return entry, {key: _check_value(self.kind, entry, key, value) for key, value in params.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(fn: Callable, key: str) -> TypeAdapter | None:
+    hint = typing.get_type_hints(fn, include_extras=True).get(key)
+    return None if hint is None else TypeAdapter(hint)
+
+
+def _check_value(kind: str, entry: Entry, key: str, value: Any) -> Any:
+    """``value`` as the parameter's annotation types it (5 -> 5.0 for a float), or a UserError."""
+    adapter = _adapter(entry.fn, key)
+    if adapter is None:
+        return value
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"]
+        if err["type"] in ("float_parsing", "int_parsing", "float_type", "int_type"):
+            msg = "needs a number"
+        raise UserError(f"{kind} '{entry.name}': {key}={value!r}: {msg[0].lower() + msg[1:]}") from None
 
 
 def _parse_value(text: str) -> Any:

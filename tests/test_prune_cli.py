@@ -38,13 +38,13 @@ def test_prune_saves_a_model_transformers_loads_with_the_same_sparsity(tmp_path,
 
 @pytest.mark.parametrize("args,message", [
     (["--metric", "entropy"], "unknown metric 'entropy'"),
-    (["--sparsity", "1.2"], "pruning.sparsity"),
+    (["--sparsity", "1.2"], "--sparsity 1.2: Input should be less than 1"),
     (["--structure", "3:7", "--sparsity", "0.4285714285714286"], "does not fit"),
     (["--structure", "2:4", "--sparsity", "0.3"], "not a multiple of 1/4"),
     (["--allocation", "owl:lambda=0.1"], "has no parameter lambda"),
     (["--model", "./no/such/model"], "model path not found"),
     (["--calibration", "lee", "--calibration-samples", "5000"], "5000 requested"),
-    (["--mode", "sideways"], "pruning.mode"),
+    (["--mode", "sideways"], "--mode 'sideways'"),
 ])
 def test_prune_user_errors_are_one_line_with_exit_code_2(args, message, capsys):
     code, _, err = run_cli(["prune", "--max-layers", "1", "--quiet", *args], capsys)
@@ -55,6 +55,7 @@ def test_prune_user_errors_are_one_line_with_exit_code_2(args, message, capsys):
 
 def test_existing_output_directory_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.safetensors").write_text("an earlier result")
     code, _, err = run_cli(["prune", "--out", str(tmp_path / "out"), "--model", "./nowhere"], capsys)
     assert code == 2 and "already exists" in err and "--overwrite" in err
 
@@ -106,3 +107,15 @@ def test_the_perplexity_row_names_its_text_and_eval_none_has_none(capsys):
     assert code == 0, err
     assert "perplexity" not in stdout and " - " not in stdout
     assert "sparsity" in stdout and "KL" in stdout
+
+
+@pytest.mark.parametrize("allocation,group", [("mrp", "row"), ("owl", "layer"), ("uniform", "row")])
+def test_prune_meets_the_budget_to_the_weight(allocation, group, capsys):
+    """`prune --allocation mrp --sparsity 0.6` pruned 0.5991 when every row floored its share."""
+    no_eval = ["--max-layers", "2", "--calibration", "lee", "--calibration-samples", "8", "--seq-len", "64", "--quiet"]
+    code, stdout, err = run_cli(["prune", "--sparsity", "0.6", "--allocation", allocation, "--group", group,
+                                 "--eval", "none", *no_eval], capsys)
+    assert code == 0, err
+    line = next(l for l in stdout.splitlines() if l.startswith("weights pruned"))
+    n = 2 * (576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3)
+    assert line == f"weights pruned: {round(0.6 * n):,} of {n:,}, exactly round(0.6 x {n:,})"

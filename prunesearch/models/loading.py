@@ -99,12 +99,170 @@ def default_model_dir() -> Path:
     return target
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool):
+def _from_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    kw = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     return model, tokenizer
+
+
+_hub_state: dict[str, bool] = {}
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be asked at all: not offline mode (HF_HUB_OFFLINE), and
+    its host answers within ``timeout_s``. Asked once per process; without it, a hub id with no
+    network is 20-odd retry warnings over half a minute before the error."""
+    if "ok" not in _hub_state:
+        import socket
+        from urllib.parse import urlparse
+
+        from huggingface_hub import constants
+
+        ok = not constants.is_offline_mode()
+        if ok:
+            url = urlparse(constants.ENDPOINT)
+            try:
+                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                         timeout=timeout_s).close()
+            except OSError:
+                ok = False
+        _hub_state["ok"] = ok
+    return _hub_state["ok"]
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(path: Path) -> None:
+    """A local model directory must hold a readable config and weights whose headers parse:
+    a missing or truncated file is a one-line error here, not a traceback after the load."""
+    import json
+
+    try:
+        json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"'{path}' is a directory but holds no config.json: not a Hugging Face model directory") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path / 'config.json'} is not valid JSON ({exc})") from None
+    found = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    shards = sorted(path.glob("*.safetensors"))
+    if not found and not shards:
+        raise UserError(f"model directory {path} holds no weights (model.safetensors, an index of shards, or "
+                        f"pytorch_model.bin): was the download or save complete?")
+    for index in [n for n in found if n.endswith(".index.json")]:
+        try:
+            files = set(json.loads((path / index).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise UserError(f"{path / index} is not a valid index of weight shards ({exc})") from None
+        missing = sorted(f for f in files if not (path / f).is_file())
+        if missing:
+            raise UserError(f"model directory {path} lacks {len(missing)} weight shard(s) its index names: {', '.join(missing[:3])}")
+        shards += [path / f for f in files if f.endswith(".safetensors")]
+    from safetensors import safe_open
+
+    for shard in sorted(set(shards)):
+        try:
+            with safe_open(str(shard), "pt") as fh:  # reads the header only
+                fh.keys()
+        except Exception as exc:  # safetensors raises its own error types
+            raise UserError(f"weights file {shard} is corrupt or truncated ({str(exc).splitlines()[0]})") from None
+
+
+def check_gguf(path: Path) -> None:
+    """A .gguf file must be a GGUF model: garbage bytes or a truncated download are one line."""
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path} is not a GGUF model file (it does not start with the GGUF signature)")
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))  # parses the header and the tensor table (memory-mapped, no weights read)
+    except Exception as exc:
+        raise UserError(f"{path} is a damaged GGUF file ({str(exc).splitlines()[0] or type(exc).__name__}): "
+                        f"download it again") from None
+
+
+def locate(spec: str) -> tuple[str, str]:
+    """(kind, source) of a model spec: ('dir', path), ('gguf', path) or ('hub', id); a path that
+    is not there, or a damaged file, is a UserError at once."""
+    path = Path(spec).expanduser()
+    if spec == DEFAULT_MODEL:
+        return "dir", str(default_model_dir())
+    if path.suffix == ".gguf":
+        check_gguf(path)
+        return "gguf", str(path)
+    if path.is_dir():
+        check_model_dir(path)
+        return "dir", str(path)
+    if path.exists():
+        raise UserError(f"model '{spec}' is a file: give a Hugging Face model directory, a .gguf file or a hub id")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model path not found: {spec}")
+    return "hub", spec
+
+
+def _hub_error(spec: str, exc: Exception, offline: bool) -> UserError:
+    if offline:
+        return UserError(f"cannot load model '{spec}': it is not a local path, and the Hugging Face hub cannot be reached "
+                         f"(offline) nor is it in the local cache: give a local directory or .gguf file")
+    return UserError(f"cannot load model '{spec}': not a local path, and the hub gave: {str(exc).splitlines()[0]}")
+
+
+def load_config(spec: str, trust_remote_code: bool = False):
+    """The model's transformers config, without its weights."""
+    from transformers import AutoConfig
+
+    kind, source = locate(spec)
+    try:
+        if kind == "gguf":
+            p = Path(source)
+            return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code)
+        offline = kind == "hub" and not hub_reachable()
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise _hub_error(spec, exc, not hub_reachable()) from None
+        raise UserError(f"cannot read the config of model '{spec}': {str(exc).splitlines()[0]}") from None
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kind, source = locate(spec)
+    try:
+        if kind == "gguf":
+            p = Path(source)
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code)
+        offline = kind == "hub" and not hub_reachable()
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise _hub_error(spec, exc, not hub_reachable()) from None
+        raise UserError(f"cannot load the tokenizer of model '{spec}': {str(exc).splitlines()[0]}") from None
+
+
+def meta_model(spec: str, trust_remote_code: bool = False, max_layers: int | None = None) -> nn.Module:
+    """The model built from its config on the meta device: every shape, no weights, no memory.
+    What the checks before any slow work read (decoder blocks found, N:M fit, sizes)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec, trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise UserError(f"cannot prune '{spec}': its architecture ({type(config).__name__}) is not a causal language "
+                        f"model that transformers' AutoModelForCausalLM builds ({str(exc).splitlines()[0][:120]})") from None
+    decoder_blocks(model)  # an architecture whose blocks cannot be found is refused here
+    if max_layers is not None:
+        truncate_layers(model, max_layers)
+    return model
 
 
 def truncate_layers(model: nn.Module, max_layers: int) -> None:
@@ -134,30 +292,18 @@ def load_model(
     """Load ``spec``: ``default``, a ``.gguf`` file, a local HF directory or a hub id."""
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    path = Path(spec).expanduser()
-    if spec == DEFAULT_MODEL:
-        source = str(default_model_dir())
-        model, tokenizer = _from_pretrained(source, torch_dtype, False)
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise UserError(f"model file not found: {spec}")
-        source = str(path)
-        model, tokenizer = _load_gguf(path, torch_dtype, trust_remote_code)
-    elif path.is_dir():
-        if not (path / "config.json").exists():
-            raise UserError(f"'{spec}' is a directory but holds no config.json: not a Hugging Face model directory")
-        source = str(path)
-        model, tokenizer = _from_pretrained(source, torch_dtype, trust_remote_code)
-    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UserError(f"model path not found: {spec}")
-    else:
-        source = spec
-        try:
-            model, tokenizer = _from_pretrained(spec, torch_dtype, trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise UserError(
-                f"cannot load model '{spec}': not a local path, and the hub gave: {str(exc).splitlines()[0]}"
-            ) from None
+    kind, source = locate(spec)
+    try:
+        if kind == "gguf":
+            model, tokenizer = _load_gguf(Path(source), torch_dtype, trust_remote_code)
+        else:
+            offline = kind == "hub" and not hub_reachable()
+            trust = trust_remote_code and spec != DEFAULT_MODEL
+            model, tokenizer = _from_pretrained(source, torch_dtype, trust, local_only=offline)
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise _hub_error(spec, exc, not hub_reachable()) from None
+        raise UserError(f"cannot load model '{spec}' from {source}: {str(exc).strip().splitlines()[0][:200]}") from None
     if max_layers is not None:
         truncate_layers(model, max_layers)
     model.to(dev).eval()

@@ -23,12 +23,9 @@ BIAS_FLAGS = {"attn": "attention_bias", "mlp": "mlp_bias"}
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     """Refuse an existing directory up front, before hours of work, unless told to overwrite."""
-    path = Path(out)
-    if path.exists() and not overwrite:
-        raise UserError(f"output directory {path} already exists: choose another or pass --overwrite")
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output path {path} exists and is not a directory")
-    return path
+    from prunesearch.preflight import check_output
+
+    return check_output(out, "dir", overwrite, "output directory")
 
 
 def bias_fold_problem(model: nn.Module, added: list[str] | None = None) -> str | None:

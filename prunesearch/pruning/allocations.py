@@ -7,9 +7,10 @@ decoder block; every linear of a block gets its block's ratio). Formulas: shared
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
+from pydantic import Field
 
 from prunesearch.errors import UserError
 from prunesearch.models.families import PrunableLinear
@@ -18,6 +19,8 @@ from prunesearch.pruning.budget import project_to_budget, weighted_mean
 from prunesearch.pruning.masks import NM, prune_mask
 from prunesearch.pruning.stats import ColumnStats
 from prunesearch.registry import Registry
+
+Positive = Annotated[float, Field(gt=0)]
 
 ALLOCATIONS = Registry("allocation")
 
@@ -58,7 +61,8 @@ def uniform(ctx: AllocationContext, target: float) -> list[float]:
 
 
 @ALLOCATIONS.register("owl", needs_stats=True)
-def owl(ctx: AllocationContext, target: float, *, M: float = 5.0, lam: float = 0.08, metric: str = "wanda") -> list[float]:
+def owl(ctx: AllocationContext, target: float, *, M: Positive = 5.0, lam: Annotated[float, Field(ge=0, le=0.5)] = 0.08,
+        metric: str = "wanda") -> list[float]:
     """Outlier-weighted layerwise sparsity: more outliers (scores > M * mean), less pruning.
 
     D_l is rescaled to [0, 2*lam]; sparsity_l = S - (D_l - mean D), then projected so the budget
@@ -76,11 +80,11 @@ def mrp(
     ctx: AllocationContext,
     target: float,
     *,
-    M: float = 5.0,
-    step: float = 0.01,
-    start: float | None = None,
+    M: Positive = 5.0,
+    step: Annotated[float, Field(gt=0, le=0.5)] = 0.01,
+    start: Annotated[float, Field(ge=0, lt=1)] | None = None,
     metric: str | None = None,
-    refresh_every: int = 0,
+    refresh_every: Annotated[int, Field(ge=0)] = 0,
 ) -> list[float]:
     """Maximum redundancy pruning, a closed loop on the model being pruned.
 

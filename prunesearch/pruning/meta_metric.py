@@ -9,6 +9,8 @@ public code, every division and log is guarded, and the coefficient "one" is the
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from prunesearch.errors import UserError
@@ -18,6 +20,8 @@ from prunesearch.pruning.stats import ColumnStats
 _TINY = 1e-12
 TRANSFORMS = ("identity", "sqrt", "square", "exp", "log", "sigmoid", "softmax")
 COEFFICIENTS = ("one", "row", "col", "rowcol", "total", "mean", "fro")
+Transform = Literal[TRANSFORMS]  # type: ignore[valid-type]  (checked when a spec is parsed)
+Coefficient = Literal[COEFFICIENTS]  # type: ignore[valid-type]
 
 
 def transform(A: torch.Tensor, op: str) -> torch.Tensor:
@@ -59,8 +63,8 @@ def coefficient(A: torch.Tensor, coef: str) -> torch.Tensor | float:
 
 
 @METRICS.register("meta", needs_stats=True, group="row")
-def meta(W: torch.Tensor, stats: ColumnStats, *, coef_w: str = "one", op_w: str = "identity",
-         coef_x: str = "one", op_x: str = "identity") -> torch.Tensor:
+def meta(W: torch.Tensor, stats: ColumnStats, *, coef_w: Coefficient = "one", op_w: Transform = "identity",
+         coef_x: Coefficient = "one", op_x: Transform = "identity") -> torch.Tensor:
     """meta:coef_w=..,op_w=..,coef_x=..,op_x=.. (defaults: Wanda)."""
     A = W.abs()
     x = stats.wanda_norm.to(W.device).square().reshape(1, -1)  # xbar, as a (1, d_in) row

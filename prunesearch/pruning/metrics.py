@@ -6,7 +6,10 @@ for metrics that need none). Each metric names its default comparison group.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 
 from prunesearch.pruning.stats import ColumnStats
 from prunesearch.registry import Registry
@@ -34,7 +37,7 @@ def stade(W: torch.Tensor, stats: ColumnStats) -> torch.Tensor:
 
 
 @METRICS.register("ria", needs_stats=True, group="layer")
-def ria(W: torch.Tensor, stats: ColumnStats, *, a: float = 0.5) -> torch.Tensor:
+def ria(W: torch.Tensor, stats: ColumnStats, *, a: Annotated[float, Field(ge=0)] = 0.5) -> torch.Tensor:
     """Relative importance (|W| over its row sum plus over its column sum) times ||X_j||^a."""
     A = W.abs()
     relative = A / A.sum(dim=0, keepdim=True).clamp_min(_TINY) + A / A.sum(dim=1, keepdim=True).clamp_min(_TINY)
@@ -46,7 +49,7 @@ def ria(W: torch.Tensor, stats: ColumnStats, *, a: float = 0.5) -> torch.Tensor:
 
 
 @METRICS.register("varp", needs_stats=True, group="row")
-def varp(W: torch.Tensor, stats: ColumnStats, *, beta: float = 0.25) -> torch.Tensor:
+def varp(W: torch.Tensor, stats: ColumnStats, *, beta: Annotated[float, Field(ge=0)] = 0.25) -> torch.Tensor:
     """VarP: Wanda's score times (Var(X_j) / E[X_j^2])^beta. Of equal-norm inputs, the one whose
     energy varies across tokens carries the token distinctions; a constant offset does not.
     beta = 0 is Wanda, beta = 0.5 ranks like STADE (|W| std); the share is dimensionless, so
@@ -73,13 +76,14 @@ def cosp2(W: torch.Tensor, stats: ColumnStats) -> torch.Tensor:
 
 
 @METRICS.register("ace", needs_stats=True, group="row", needs_cos=True)
-def ace(W: torch.Tensor, stats: ColumnStats, *, beta: float = 0.25) -> torch.Tensor:
+def ace(W: torch.Tensor, stats: ColumnStats, *, beta: Annotated[float, Field(ge=0)] = 0.25) -> torch.Tensor:
     """CosP + VarP: the cosine-loss score scaled by VarP's variance share."""
     return cosp(W, stats) * stats.var_share.to(W.device).pow(beta)
 
 
 @METRICS.register("sparsegpt", needs_stats=True, group="row", solver=True, needs_xtx=True)
-def sparsegpt(W: torch.Tensor, stats: ColumnStats, *, blocksize: int = 128, damp: float = 0.01) -> torch.Tensor:
+def sparsegpt(W: torch.Tensor, stats: ColumnStats, *, blocksize: Annotated[int, Field(ge=1)] = 128,
+              damp: Annotated[float, Field(gt=0)] = 0.01) -> torch.Tensor:
     """SparseGPT prunes by OBS updates (pruning/sparsegpt.py), not by a score; where a score is
     needed (OWL's outlier counts) this is its diagonal-Hessian limit: w^2 / [H^-1]_jj with
     H = diag(||x_j||^2) ranks like Wanda's |w| * ||x_j||."""

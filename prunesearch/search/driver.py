@@ -24,11 +24,10 @@ from tqdm.auto import tqdm
 
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
-from prunesearch.pruning.masks import parse_structure
 from prunesearch.search.dispatch import DRIVER, RETRY_ATTR, Dispatcher, fail_stale, requeue
-from prunesearch.search.storage import claim_sqlite, open_storage
+from prunesearch.search.storage import check_storage, claim_sqlite, mask_url, open_storage
 from prunesearch.search.study import create_or_check, make_sampler
-from prunesearch.spaces import ModelLayout, make_space
+from prunesearch.spaces import ModelLayout, make_study_space
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -59,15 +58,6 @@ def _finished_and_running(study: optuna.Study) -> tuple[int, int]:
     trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *FINISHED))
     running = sum(t.state == TrialState.RUNNING for t in trials)
     return len(trials) - running, running
-
-
-def make_study_space(cfg: StudyConfig, layout: ModelLayout):
-    nm = parse_structure(cfg.pruning.structure)
-    return make_space(cfg.space.name, layout, cfg.pruning.sparsity, min_sparsity=cfg.space.min_sparsity,
-                      max_sparsity=cfg.space.max_sparsity, nm_m=nm.m if nm else None,
-                      kv_bits=cfg.kv_cache.bits_choices if cfg.space.kv_bits else None,
-                      split_attn_mlp=cfg.space.split_attn_mlp, remove_layers=cfg.space.remove_layers or None,
-                      **cfg.space.params)
 
 
 def enqueue_baselines(study: optuna.Study, cfg: StudyConfig, space, resolve) -> list[str]:
@@ -147,30 +137,52 @@ def _wait_for_other_drivers(study: optuna.Study, cfg: StudyConfig) -> None:
         running = count_running(study)
 
 
-def run_study(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
-    """Launch or continue ``cfg``'s study until it holds ``cfg.search.trials`` finished trials."""
+def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummary:
+    """Launch or continue ``cfg``'s study until it holds ``cfg.search.trials`` finished trials.
+
+    Start-up goes from cheap to slow, and nothing is written before the cheap checks passed:
+    the config against the model's shapes and the text (seconds), the database (writable, a
+    study database), Ray (in-process, or a cluster that answers), the study, then the
+    evaluators (model load, calibration, dense reference). ``say`` gets one line per stage."""
     import ray
 
+    from prunesearch.preflight import check_study
     from prunesearch.workers.pool import EvaluatorPool, start_ray
 
+    say = say or (lambda line: None)
     t0 = time.perf_counter()
+    checked = check_study(cfg)
     name = cfg.study or cfg.default_study_name()
+    say(f"study {name} in {mask_url(cfg.storage)}: {cfg.search.trials} trials, objectives {', '.join(cfg.objectives)}")
+    say(f"checked config, model and text: {checked.blocks} decoder blocks, {checked.prunable_weights / 1e6:,.1f}M "
+        f"prunable weights ({checked.seconds:.1f}s)")
     evolutionary = cfg.search.sampler == "nsga3"
     # a dead driver's trials: re-run by TPE; NSGA-III's replay re-evaluates the missing individuals itself
     on_stale = None if evolutionary else requeue
-    storage = open_storage(cfg.storage, heartbeat=(cfg.search.heartbeat_s, cfg.search.grace_s), on_stale=on_stale)
-    claim_sqlite(cfg.storage)
-    study, created = create_or_check(cfg, name, storage)
-    if not created and not evolutionary:  # joining (or resuming): a seed of its own, never another driver's
-        study.sampler = make_sampler(cfg, salt=zlib.crc32(DRIVER.encode()))
-    fail_stale(study, cfg.search.grace_s, on_stale, set())
-    if evolutionary:
-        _wait_for_other_drivers(study, cfg)
+    check_storage(cfg.storage)  # read-only: a foreign or read-only file is refused before anything is written
+    t = time.perf_counter()
     started_ray = start_ray(cfg.workers)
+    if started_ray:
+        say(f"Ray {'joined at ' + cfg.workers.address if cfg.workers.address else 'started in-process'} "
+            f"({time.perf_counter() - t:.1f}s)")
     pool = dispatcher = None
     stopped_by = "trials"
     try:
+        storage = open_storage(cfg.storage, heartbeat=(cfg.search.heartbeat_s, cfg.search.grace_s), on_stale=on_stale)
+        claim_sqlite(cfg.storage)
+        study, opened = create_or_check(cfg, name, storage)
+        created = opened != "continued"
+        say({"created": "study created", "replaced": "study replaced: it held no finished trial, so this config takes it over",
+             "continued": f"study continued ({count_finished(study)} finished trials)"}[opened])
+        if not created and not evolutionary:  # joining (or resuming): a seed of its own, never another driver's
+            study.sampler = make_sampler(cfg, salt=zlib.crc32(DRIVER.encode()))
+        fail_stale(study, cfg.search.grace_s, on_stale, set())
+        if evolutionary:
+            _wait_for_other_drivers(study, cfg)
+        t = time.perf_counter()
+        say("starting evaluators: loading the model, calibration statistics and the dense reference ...")
         pool = EvaluatorPool(cfg, cfg.storage, name)
+        say(_ready_line(pool.info, time.perf_counter() - t))
         dispatcher = Dispatcher(study, pool, cfg.search.heartbeat_s)
         layout = ModelLayout.from_dict(pool.layout)
         space = make_study_space(cfg, layout)
@@ -201,6 +213,19 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
                       _best(study), time.perf_counter() - t0, stopped_by)
 
 
+def _ready_line(info: list[dict], seconds: float) -> str:
+    """What the evaluators did at start-up, with times: the first one's stages, and whether its
+    dense side (statistics, reference) came from the disk cache."""
+    first = info[0]
+    stages = first.get("stages") or {}
+    parts = [f"{k} {v:.1f}s" for k, v in stages.items()]
+    cached = first.get("dense_cached")
+    if cached is not None:
+        parts.append("dense side from the cache" if cached else "dense side computed (cached for next time)")
+    return (f"{len(info)} evaluator{'s' if len(info) > 1 else ''} ready on {first.get('device', '?')} ({seconds:.1f}s"
+            + (": " + ", ".join(parts) if parts else "") + ")")
+
+
 @contextlib.contextmanager
 def _deferred_ctrl_c():
     """The first Ctrl-C only sets a flag that the loop checks at a safe point (never in the middle
@@ -216,10 +241,12 @@ def _deferred_ctrl_c():
         flag.set()
 
     previous = signal.signal(signal.SIGINT, handler)
+    previous_term = signal.signal(signal.SIGTERM, handler)  # a scheduler's stop: as Ctrl-C, trials re-queued
     try:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ mounted secret). So no config, study record, log line or process list ever holds
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -25,6 +26,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
+from prunesearch.config import storage_url_problem
 from prunesearch.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -76,39 +78,120 @@ def claim_sqlite(url: str) -> None:
     _driver_locks[parsed.database] = fd  # held (and released by the OS) for this process's life
 
 
-def _prepare_sqlite(url: sqlalchemy.URL, create: bool) -> None:
+
+def _read_only_query(path: Path) -> dict[str, str]:
+    """URI options that read a file without writing a byte. A WAL-mode file in a folder nobody
+    may write to, with no shared-memory file beside it, can only be read as immutable."""
+    folder_writable = os.access(path.parent, os.W_OK | os.X_OK)
+    if not folder_writable and not Path(f"{path}-shm").exists():
+        return {"mode": "ro", "immutable": "1"}
+    return {"mode": "ro"}
+
+
+def _sqlite_tables(path: Path) -> set[str]:
+    """The tables of an existing SQLite file, read without changing a byte of it."""
+    query = "&".join(f"{k}={v}" for k, v in _read_only_query(path).items())
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?{query}", uri=True, timeout=60)) as conn:
+            return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error as exc:  # not a database, a truncated file, no permission
+        raise UserError(f"cannot use {path} as a study database: {exc}") from None
+
+
+def _check_sqlite_file(path: Path, must_exist: bool) -> None:
+    """A file that is there must be empty or a study database: another application's SQLite file
+    is refused untouched, never given Optuna's tables."""
+    if path.is_dir():
+        raise UserError(f"study database {path} is a directory: give a file, e.g. sqlite:///{path}/studies.db")
+    if not path.exists():
+        if must_exist:
+            raise UserError(f"no study database at {path}: `prunesearch launch` creates it (is the path right?)")
+        return
+    tables = _sqlite_tables(path)
+    if tables and not tables & {"studies", "alembic_version"}:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise UserError(f"{path} is not a study database (it holds other tables: {shown}): "
+                        f"give a new file for the study, e.g. sqlite:///{path.parent / 'studies.db'}")
+    if not tables and must_exist:
+        raise UserError(f"no study database at {path} yet (the file is empty): `prunesearch launch` creates it")
+
+
+def _check_writable(path: Path) -> None:
+    """A driver writes the file, its WAL and lock files beside it: say so before any slow work."""
+    folder = path.parent
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"study database {path} is read-only: a launch or resume writes to it (copy it somewhere writable, "
+                        f"or use `prunesearch status/export/report`, which only read)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"the folder of the study database {path} is read-only: a launch or resume writes the database "
+                        f"and its journal there")
+
+
+def _prepare_sqlite(url: sqlalchemy.URL, create: bool, readonly: bool) -> sqlalchemy.URL:
+    """Check the file as the command will use it; return the URL to open (read-only for readers)."""
     db = url.database
     if not db or db == ":memory:":
         raise UserError("an in-memory SQLite study cannot be shared with workers or resumed: give a file, e.g. sqlite:///studies.db")
     path = Path(db)
-    if not create and not path.is_file():
-        raise UserError(f"no study database at {path}: `prunesearch launch` creates it (is the path right?)")
     if not path.parent.exists():
-        raise UserError(f"cannot create the study database {path}: folder {path.parent} does not exist")
+        raise UserError(f"cannot {'create' if create else 'open'} the study database {path}: folder {path.parent} does not exist")
+    if not readonly:
+        _check_writable(path)
+    _check_sqlite_file(path, must_exist=not create)
+    if readonly:
+        return url.set(database=f"file:{path.resolve()}", query={**_read_only_query(path), "uri": "true"})
     try:
-        with sqlite3.connect(path, timeout=60) as conn:
+        with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn:
             conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file: concurrent readers and one writer
     except sqlite3.Error as exc:  # not a database, no permission, a full disk
         raise UserError(f"cannot use {path} as a study database: {exc}") from None
+    return url
 
 
-def open_storage(url: str, *, create: bool = True, heartbeat: tuple[int, int] | None = None,
+def check_storage(url: str) -> None:
+    """What a driver's ``open_storage`` would refuse, found without writing anything: a malformed
+    URL, a password in it, another application's SQLite file, a read-only file or folder."""
+    try:
+        parsed = _with_password(make_url(url))
+    except UserError:
+        raise
+    except Exception:
+        raise UserError(describe_storage_url(url)) from None
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        if not db or db == ":memory:":
+            raise UserError("an in-memory SQLite study cannot be shared with workers or resumed: give a file, e.g. sqlite:///studies.db")
+        path = Path(db)
+        if not path.parent.exists():
+            raise UserError(f"cannot create the study database {path}: folder {path.parent} does not exist")
+        _check_writable(path)
+        _check_sqlite_file(path, must_exist=False)
+
+
+def describe_storage_url(url: str) -> str:
+    """Why a storage string is not a URL, naming what was typed (a password masked)."""
+    shown = url if "@" not in url else "<the --storage URL>"
+    return f"storage '{shown}': {storage_url_problem(url)}"
+
+
+def open_storage(url: str, *, create: bool = True, readonly: bool = False, heartbeat: tuple[int, int] | None = None,
                  on_stale=None) -> optuna.storages.RDBStorage:
     """Open (and by default create) the study database; unreachable or malformed URLs are UserErrors.
 
-    ``heartbeat`` = (interval, grace period) in seconds turns on trial heartbeats: a RUNNING trial
-    whose heartbeat is older than the grace period belongs to a dead driver, and
-    ``optuna.storages.fail_stale_trials`` fails it (exactly once across processes) and calls
-    ``on_stale(study, trial)``.
+    ``readonly`` (status, export, report) opens an existing study database without writing a
+    byte (SQLite: a read-only connection, no journal-mode change). ``heartbeat`` = (interval,
+    grace period) in seconds turns on trial heartbeats: a RUNNING trial whose heartbeat is older
+    than the grace period belongs to a dead driver (search/dispatch.py fails it exactly once).
     """
+    create = create and not readonly
     try:
         parsed = make_url(url)
     except Exception:
-        raise UserError(f"storage '{mask_url(url)}' is not a database URL (e.g. sqlite:///studies.db or postgresql+psycopg://user@host/db)") from None
+        raise UserError(describe_storage_url(url)) from None
     parsed = _with_password(parsed)
     engine_kwargs: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
-        _prepare_sqlite(parsed, create)
+        parsed = _prepare_sqlite(parsed, create, readonly)
         engine_kwargs["connect_args"] = {"timeout": 60}
     hb = {}
     if heartbeat is not None:

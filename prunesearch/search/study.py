@@ -10,6 +10,7 @@ import time
 import warnings
 
 import optuna
+from optuna.trial import TrialState
 
 from prunesearch.config import StudyConfig, validate
 from prunesearch.errors import UserError
@@ -45,12 +46,13 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def create_or_check(cfg: StudyConfig, name: str, storage: optuna.storages.RDBStorage) -> tuple[optuna.Study, bool]:
-    """Create the study (returns created=True), or reopen it if its config is the same."""
+def create_or_check(cfg: StudyConfig, name: str, storage: optuna.storages.RDBStorage) -> tuple[optuna.Study, str]:
+    """Create the study ("created"), reopen it if its config is the same ("continued"), or
+    replace one that holds no finished trial under another config ("replaced")."""
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     if name not in existing:
         try:
-            return _create(cfg, name, storage), True
+            return _create(cfg, name, storage), "created"
         except optuna.exceptions.DuplicatedStudyError:
             pass  # another driver created it a moment ago: join it
     study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
@@ -59,11 +61,23 @@ def create_or_check(cfg: StudyConfig, name: str, storage: optuna.storages.RDBSto
         if stored is not None:
             break
         time.sleep(0.2)
+    if stored != cfg.study_hash() and _replaceable(study):
+        # nothing was learnt under the old config (e.g. a launch that failed at start-up): start afresh
+        optuna.delete_study(study_name=name, storage=storage)
+        study, _ = create_or_check(cfg, name, storage)
+        return study, "replaced"
     if stored != cfg.study_hash():
         raise UserError(f"study '{name}' in {mask_url(cfg.storage)} was launched with a different config "
                         f"(hash {stored}, now {cfg.study_hash()}): choose a new --study name, or "
                         f"`prunesearch resume --study {name}` to continue it as it was")
-    return study, False
+    return study, "continued"
+
+
+def _replaceable(study: optuna.Study) -> bool:
+    """A study nothing was learnt in yet (no finished trial, nothing running: e.g. a launch that
+    failed at start-up) may be relaunched with another config."""
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return not study.get_trials(deepcopy=False, states=live)
 
 
 def _create(cfg: StudyConfig, name: str, storage) -> optuna.Study:
@@ -78,8 +92,10 @@ def _create(cfg: StudyConfig, name: str, storage) -> optuna.Study:
     return study
 
 
-def load_study_config(name: str, storage_url: str) -> tuple[StudyConfig, optuna.Study]:
-    storage = open_storage(storage_url, create=False)  # resume, export, report: the study must exist
+def load_study_config(name: str, storage_url: str, *, readonly: bool = False) -> tuple[StudyConfig, optuna.Study]:
+    """The study and the config it was launched with. ``readonly`` (status, export, report):
+    the database is only read, never changed."""
+    storage = open_storage(storage_url, create=False, readonly=readonly)  # the study must exist
     if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
         raise UserError(f"no study '{name}' in {mask_url(storage_url)}: `prunesearch status --storage URL` lists them")
     study = optuna.load_study(study_name=name, storage=storage)
@@ -88,3 +104,13 @@ def load_study_config(name: str, storage_url: str) -> tuple[StudyConfig, optuna.
         raise UserError(f"study '{name}' was not created by prunesearch (it holds no config)")
     cfg = validate(StudyConfig, {**stored, "storage": storage_url, "study": name}, f"study '{name}' config")
     return cfg, optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+
+
+def delete_study(name: str, storage_url: str) -> int:
+    """Remove a study and all its trials; returns how many trials it held."""
+    storage = open_storage(storage_url, create=False)
+    if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        raise UserError(f"no study '{name}' in {mask_url(storage_url)}: `prunesearch status --storage URL` lists them")
+    n = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+    optuna.delete_study(study_name=name, storage=storage)
+    return n

@@ -167,3 +167,15 @@ def make_space(name: str, layout: ModelLayout, target: float, **kwargs) -> Searc
         return entry.fn(layout, target, **kwargs)
     except TypeError as exc:
         raise UserError(f"search space '{name}': {exc}") from None
+
+
+def make_study_space(cfg, layout: ModelLayout) -> SearchSpace:
+    """The space a study config (``StudyConfig``) searches over a model of this layout."""
+    from prunesearch.pruning.masks import parse_structure
+
+    nm = parse_structure(cfg.pruning.structure)
+    return make_space(cfg.space.name, layout, cfg.pruning.sparsity, min_sparsity=cfg.space.min_sparsity,
+                      max_sparsity=cfg.space.max_sparsity, nm_m=nm.m if nm else None,
+                      kv_bits=cfg.kv_cache.bits_choices if cfg.space.kv_bits else None,
+                      split_attn_mlp=cfg.space.split_attn_mlp, remove_layers=cfg.space.remove_layers or None,
+                      **cfg.space.params)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 
 from prunesearch.config import StudyConfig, WorkersConfig
@@ -23,23 +25,85 @@ log = logging.getLogger(__name__)
 
 
 def start_ray(workers: WorkersConfig) -> bool:
-    """Start Ray in-process (or join ``workers.address``); returns True if this call started it."""
+    """Start Ray in-process (or join ``workers.address``); returns True if this call started it.
+
+    In-process always means a Ray of our own (``address="local"``): a stale
+    /tmp/ray/ray_current_cluster or a RAY_ADDRESS left in the environment must not send a plain
+    launch to a dead cluster. Joining one is what ``workers.address`` is for, and a cluster that
+    does not answer within ``workers.connect_timeout_s`` is a one-line error, not a hang."""
     import ray
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray's notice that token authentication is on (its secure default) is not for our users
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
-        if workers.address:
-            ray.init(address=workers.address, **kwargs)
-        else:
-            count = 1 if workers.count == "auto" else workers.count
-            need = count * workers.num_cpus
-            ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), num_gpus=None, **kwargs)
-    except ConnectionError as exc:
-        raise UserError(f"cannot join the Ray cluster at {workers.address}: {exc}") from None
+        _init(workers, kwargs)
+    finally:
+        if main_thread and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)  # ray.init puts its own (sys.exit) in place of ours
     return True
+
+
+def _init(workers: WorkersConfig, kwargs: dict) -> None:
+    import ray
+
+    if workers.address:
+        address = cluster_address(workers.address)
+        wait_for_cluster(address, workers.connect_timeout_s)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise UserError(f"cannot join the Ray cluster at {address}: {str(exc).strip().splitlines()[0]}") from None
+    else:
+        count = 1 if workers.count == "auto" else workers.count
+        need = count * workers.num_cpus
+        ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), num_gpus=None, **kwargs)
+
+
+def cluster_address(address: str) -> str:
+    """HOST:PORT of the cluster to join: as given, or for ``auto`` RAY_ADDRESS or the address
+    file that `ray start --head` wrote on this machine."""
+    if address.startswith("ray://"):
+        return address  # Ray Client
+    if address != "auto":
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise UserError(f"Ray address '{address}' is not HOST:PORT (or auto)")
+        return address
+    found = os.environ.get("RAY_ADDRESS", "").strip()
+    if not found:
+        from ray._private.utils import read_ray_address  # the file `ray start --head` writes
+
+        try:
+            found = read_ray_address() or ""
+        except OSError:
+            found = ""
+    if not found:
+        raise UserError("--address auto found no Ray cluster on this machine (no RAY_ADDRESS, no `ray start --head` "
+                        "address file): start one, give HOST:PORT, or leave --address out for in-process Ray")
+    return cluster_address(found)
+
+
+def wait_for_cluster(address: str, timeout_s: float) -> None:
+    """Wait until something listens at ``address`` (a Ray head's GCS port), at most ``timeout_s``."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(2.0, timeout_s)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise UserError(f"no Ray cluster answers at {address} (waited {timeout_s:.0f}s: {exc.strerror or exc}): "
+                                f"is the head running? (workers.connect_timeout_s sets the wait)") from None
+            time.sleep(0.5)
 
 
 def actor_count(w: WorkersConfig) -> int:

@@ -1,0 +1,136 @@
+"""Checks before any slow work: every mistake that the config, the model's config (no weights),
+the text and the file system can reveal in seconds is a one-line error here, before a model
+loads, a study is created or a Ray cluster is joined.
+
+The model is built on the meta device from its config, so its decoder blocks and every
+prunable layer's shape are known without its weights (an N:M that does not divide a layer,
+removing more blocks than there are, a search space that does not fit). The text is tokenized
+(cached on disk) and cut as the job will cut it, so a source too short for the requested
+samples is found now, not after the model load.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from prunesearch.errors import UserError
+
+
+@dataclass
+class Checked:
+    """What the checks found, for the start-up lines: the model's shape and how long it took."""
+
+    blocks: int
+    prunable_weights: int
+    seconds: float
+
+
+def check_model(m, local_device: bool = True) -> nn.Module:
+    """The model config resolves, its blocks are found; the device exists (where the job runs here)."""
+    from prunesearch.models.loading import meta_model, resolve_device, resolve_dtype
+
+    resolve_dtype(m.dtype)
+    if local_device:
+        resolve_device(m.device)
+    return meta_model(m.name, m.trust_remote_code, m.max_layers)
+
+
+def check_texts(m, calibration, evaluation) -> None:
+    """Calibration (the whole selection pool) and held-out text hold the requested sequences."""
+    from prunesearch.data import token_sequences
+    from prunesearch.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(m.name, m.trust_remote_code)
+    c = calibration
+    pool = c.samples * (c.pool if c.select != "none" else 1)
+    token_sequences(tokenizer, c.source, n_samples=pool, seq_len=c.seq_len, seed=c.seed, split="calibration",
+                    text_field=c.text_field)
+    if evaluation is not None:
+        e = evaluation
+        token_sequences(tokenizer, e.source, n_samples=e.samples, seq_len=e.seq_len, seed=e.seed, split="evaluation",
+                        text_field=e.text_field, contiguous=True)
+
+
+def _check_removal(n_blocks: int, remove: int, what: str) -> None:
+    if remove >= n_blocks:
+        raise UserError(f"{what} is {remove}, but the model has {n_blocks} decoder blocks: at least one must stay")
+
+
+def check_prune(cfg, out: Path | None = None, overwrite: bool = False) -> Checked:
+    """Everything `prunesearch prune` (and `export --apply`) can find out before loading weights."""
+    from prunesearch.models.families import prunable_linears
+    from prunesearch.models.saving import bias_fold_problem
+    from prunesearch.pruning.engine import check_spec
+
+    t0 = time.perf_counter()
+    if out is not None:
+        check_output(out, "dir", overwrite, "--out")
+    model = check_model(cfg.model)
+    linears = prunable_linears(model)
+    n_blocks = max(l.block for l in linears) + 1
+    p = cfg.pruning
+    _check_removal(n_blocks, p.remove_layers, "pruning.remove_layers")
+    if p.remove_blocks and any(not 0 <= b < n_blocks for b in p.remove_blocks):
+        raise UserError(f"pruning.remove_blocks {p.remove_blocks} names blocks outside 0..{n_blocks - 1}")
+    kept = [l for l in linears if l.block not in set(p.remove_blocks or [])]
+    check_spec(p.spec(cfg.calibration.batch_size), kept)
+    if out is not None and p.bias_compensation and (problem := bias_fold_problem(model)):
+        raise UserError(problem)
+    if cfg.kv_cache is not None and cfg.kv_cache.bits and len(cfg.kv_cache.bits) != n_blocks - p.remove_layers:
+        raise UserError(f"kv_cache.bits gives {len(cfg.kv_cache.bits)} bit widths for {n_blocks - p.remove_layers} "
+                        f"decoder layers")
+    check_texts(cfg.model, cfg.calibration, cfg.evaluation)
+    return Checked(n_blocks, sum(l.numel for l in linears), time.perf_counter() - t0)
+
+
+def check_study(cfg) -> Checked:
+    """Everything a study can find out before its database, Ray or a worker is touched."""
+    from prunesearch.models.families import prunable_linears
+    from prunesearch.pruning.engine import PruneSpec, check_spec
+    from prunesearch.spaces import ModelLayout, make_study_space
+
+    t0 = time.perf_counter()
+    model = check_model(cfg.model, local_device=not cfg.workers.address)
+    linears = prunable_linears(model)
+    n_blocks = max(l.block for l in linears) + 1
+    p = cfg.pruning
+    _check_removal(n_blocks, p.remove_layers, "pruning.remove_layers")
+    if cfg.space.remove_layers:
+        _check_removal(n_blocks, max(cfg.space.remove_layers), "the largest space.remove_layers choice")
+    # the fixed removal's blocks are not known before calibration: every layer must fit the structure
+    check_spec(PruneSpec(p.metric, p.sparsity, "uniform", p.structure, p.group, "one_shot"), linears)
+    layout = ModelLayout.of(linears)
+    if p.remove_layers:  # the space searches the kept blocks: same sizes for the check, fewer blocks
+        layout = ModelLayout(n_blocks - p.remove_layers, layout.attn_sizes[p.remove_layers:],
+                             layout.mlp_sizes[p.remove_layers:])
+    make_study_space(cfg, layout)  # space parameters (e.g. owl's M_range) checked against the model
+    check_texts(cfg.model, cfg.calibration, cfg.evaluation)
+    return Checked(n_blocks, layout.total, time.perf_counter() - t0)
+
+
+def check_output(path: str | Path, kind: str, overwrite: bool, flag: str) -> Path:
+    """An output ``kind`` ('file' or 'dir') can be written at ``path``: its nearest existing
+    parent is a writable folder, it is not the other kind, and an existing non-empty one is
+    replaced only with --overwrite."""
+    import os
+
+    p = Path(path)
+    if p.exists():
+        if kind == "dir" and not p.is_dir():
+            raise UserError(f"{flag} {p}: a file of that name exists, and a directory is written there")
+        if kind == "file" and p.is_dir():
+            raise UserError(f"{flag} {p}: is a directory, and a file is written there")
+        if not overwrite and (kind == "file" or any(p.iterdir())):
+            raise UserError(f"{flag} {p} already exists: choose another or pass --overwrite")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {p}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {p}: the folder {parent} is not writable")
+    return p
