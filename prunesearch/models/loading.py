@@ -214,37 +214,33 @@ def _hub_error(spec: str, exc: Exception, offline: bool) -> UserError:
     return UserError(f"cannot load model '{spec}': not a local path, and the hub gave: {str(exc).splitlines()[0]}")
 
 
-def load_config(spec: str, trust_remote_code: bool = False):
-    """The model's transformers config, without its weights."""
-    from transformers import AutoConfig
-
+def _auto_from(auto_cls, spec: str, trust_remote_code: bool, what: str):
+    """``auto_cls.from_pretrained`` for any model spec (a GGUF file, a directory, a hub id: from
+    the local cache only when the hub cannot be reached), its failures as one line."""
     kind, source = locate(spec)
     try:
         if kind == "gguf":
             p = Path(source)
-            return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code)
+            return auto_cls.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code)
         offline = kind == "hub" and not hub_reachable()
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline)
+        return auto_cls.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline)
     except (OSError, ValueError) as exc:
         if kind == "hub":
             raise _hub_error(spec, exc, not hub_reachable()) from None
-        raise UserError(f"cannot read the config of model '{spec}': {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot read the {what} of model '{spec}': {str(exc).splitlines()[0]}") from None
+
+
+def load_config(spec: str, trust_remote_code: bool = False):
+    """The model's transformers config, without its weights."""
+    from transformers import AutoConfig
+
+    return _auto_from(AutoConfig, spec, trust_remote_code, "config")
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    kind, source = locate(spec)
-    try:
-        if kind == "gguf":
-            p = Path(source)
-            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code)
-        offline = kind == "hub" and not hub_reachable()
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline)
-    except (OSError, ValueError) as exc:
-        if kind == "hub":
-            raise _hub_error(spec, exc, not hub_reachable()) from None
-        raise UserError(f"cannot load the tokenizer of model '{spec}': {str(exc).splitlines()[0]}") from None
+    return _auto_from(AutoTokenizer, spec, trust_remote_code, "tokenizer")
 
 
 def meta_model(spec: str, trust_remote_code: bool = False, max_layers: int | None = None) -> nn.Module:

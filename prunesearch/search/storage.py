@@ -127,8 +127,8 @@ def _check_writable(path: Path) -> None:
                         f"and its journal there")
 
 
-def _prepare_sqlite(url: sqlalchemy.URL, create: bool, readonly: bool) -> sqlalchemy.URL:
-    """Check the file as the command will use it; return the URL to open (read-only for readers)."""
+def _checked_sqlite_path(url: sqlalchemy.URL, create: bool, readonly: bool) -> Path:
+    """The study file, checked as the command will use it, without writing anything."""
     db = url.database
     if not db or db == ":memory:":
         raise UserError("an in-memory SQLite study cannot be shared with workers or resumed: give a file, e.g. sqlite:///studies.db")
@@ -138,6 +138,12 @@ def _prepare_sqlite(url: sqlalchemy.URL, create: bool, readonly: bool) -> sqlalc
     if not readonly:
         _check_writable(path)
     _check_sqlite_file(path, must_exist=not create)
+    return path
+
+
+def _prepare_sqlite(url: sqlalchemy.URL, create: bool, readonly: bool) -> sqlalchemy.URL:
+    """Check the file as the command will use it; return the URL to open (read-only for readers)."""
+    path = _checked_sqlite_path(url, create, readonly)
     if readonly:
         return url.set(database=f"file:{path.resolve()}", query={**_read_only_query(path), "uri": "true"})
     try:
@@ -158,14 +164,7 @@ def check_storage(url: str) -> None:
     except Exception:
         raise UserError(describe_storage_url(url)) from None
     if parsed.get_backend_name() == "sqlite":
-        db = parsed.database
-        if not db or db == ":memory:":
-            raise UserError("an in-memory SQLite study cannot be shared with workers or resumed: give a file, e.g. sqlite:///studies.db")
-        path = Path(db)
-        if not path.parent.exists():
-            raise UserError(f"cannot create the study database {path}: folder {path.parent} does not exist")
-        _check_writable(path)
-        _check_sqlite_file(path, must_exist=False)
+        _checked_sqlite_path(parsed, create=True, readonly=False)
 
 
 def describe_storage_url(url: str) -> str:
