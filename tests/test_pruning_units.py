@@ -1,4 +1,4 @@
-"""Metrics, statistics, masks and budgets, checked against their formulas (shared/methods.md)."""
+"""Metrics, statistics, masks and budgets, checked against their formulas (docs/methods.md)."""
 
 import pytest
 import torch
@@ -115,3 +115,56 @@ def test_round_to_grid_keeps_the_total():
     out = round_to_grid([0.45, 0.55, 0.62, 0.38], [1, 1, 1, 1], 0.5, 8)
     assert all(abs(r * 8 - round(r * 8)) < 1e-9 for r in out)
     assert sum(out) / 4 == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- the budget to the weight
+def test_exact_counts_meet_round_s_n_and_stay_near_each_ratio():
+    from prunesearch.pruning.budget import exact_counts
+
+    sizes = [331776, 110592, 110592, 331776, 884736, 884736, 884736] * 3
+    for S in (0.5, 0.6, 0.7, 0.123456, 0.95):
+        counts = exact_counts([S] * len(sizes), sizes)
+        assert sum(counts) == round(S * sum(sizes))
+        assert all(int(S * n) <= c <= int(S * n) + 1 for c, n in zip(counts, sizes))
+    ratios = project_to_budget([0.1 * (i % 9) for i in range(len(sizes))], sizes, 0.7, hi=0.95)
+    counts = exact_counts(ratios, sizes)
+    assert sum(counts) == round(0.7 * sum(sizes))
+    assert all(abs(c - r * n) < 1 for c, r, n in zip(counts, ratios, sizes))
+    assert exact_counts([0.5, 0.5, 0.5], [3, 3, 3]) == [2, 1, 1]  # round(4.5) = 4 (half to even); ties: earliest first
+
+
+@pytest.mark.parametrize("group", ["row", "layer"])
+def test_count_masks_prune_exactly_count_and_equal_their_rank_form(group):
+    from prunesearch.pruning.masks import count_mask, extra_rows, rank_mask, score_ranks
+
+    torch.manual_seed(0)
+    scores = torch.randint(0, 5, (12, 40)).float()  # many ties
+    ranks = score_ranks(scores, group)
+    for count in (0, 1, 7, 40, 203, 479, 480):
+        mask = count_mask(scores, count, group)
+        assert int(mask.sum()) == count
+        assert torch.equal(mask, rank_mask(ranks, count, group))
+        if group == "row":  # count // d_out per row, one more in count % d_out evenly spaced rows
+            k, e = divmod(count, 12)
+            assert mask.sum(1).tolist() == (k + extra_rows(12, e)).tolist()
+    assert extra_rows(12, 5).tolist() == [0, 0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1]
+    assert torch.equal(count_mask(scores, 12 * 20, "row"), prune_mask(scores, 0.5, "row"))
+
+
+def test_rank_masks_fit_the_small_rank_type_at_its_limit():
+    from prunesearch.pruning.masks import rank_mask, score_ranks
+
+    scores = torch.rand(3, 32768)
+    ranks = score_ranks(scores)
+    assert ranks.dtype == torch.int16
+    assert int(rank_mask(ranks, 3 * 32768 - 1).sum()) == 3 * 32768 - 1
+
+
+def test_sparsegpt_prunes_exactly_its_count():
+    from prunesearch.pruning.sparsegpt import sparsegpt_prune
+
+    torch.manual_seed(0)
+    X = torch.randn(256, 300)
+    W = torch.randn(10, 300)
+    mask = sparsegpt_prune(W, X.T @ X, 0.7, count=2101, blocksize=128)
+    assert int(mask.sum()) == 2101 == int((W == 0).sum())

@@ -1,7 +1,7 @@
 """Layerwise sparsity allocations: per-decoder-block sparsity with the exact global budget.
 
 An allocation is a registered function ``(ctx, target, **params) -> list[float]`` (one ratio per
-decoder block; every linear of a block gets its block's ratio). Formulas: shared/methods.md.
+decoder block; every linear of a block gets its block's ratio). Formulas and sources: docs/methods.md.
 """
 
 from __future__ import annotations

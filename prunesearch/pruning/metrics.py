@@ -1,4 +1,4 @@
-"""Pruning metrics: functions (W, stats) -> scores, higher = keep. Formulas: shared/methods.md.
+"""Pruning metrics: functions (W, stats) -> scores, higher = keep. Formulas and sources: docs/methods.md.
 
 W is a (d_out, d_in) float32 tensor; ``stats`` the input-column statistics of that layer (None
 for metrics that need none). Each metric names its default comparison group.
@@ -45,7 +45,7 @@ def ria(W: torch.Tensor, stats: ColumnStats, *, a: Annotated[float, Field(ge=0)]
 
 
 # ACE (Mi et al. 2025). Their exact equations were not available here; these are the forms
-# their text describes, with every choice stated (shared/methods.md, README "ACE").
+# their text describes, with every choice stated (docs/methods.md, README "ACE").
 
 
 @METRICS.register("varp", needs_stats=True, group="row")
