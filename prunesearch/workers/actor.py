@@ -1,8 +1,9 @@
 """The evaluator as a Ray actor.
 
-Each actor holds one model; Ray restarts an actor that dies (and re-runs its task). The actor
-reports intermediate values straight into the study database, so an Optuna pruner (median by
-default) can stop a hopeless trial between batches without a round trip through the driver.
+Each actor holds one model. Ray does not restart an actor that dies (the pool starts a
+replacement and the driver re-runs its trial: workers/pool.py). The actor reports intermediate
+values straight into the study database, so an Optuna pruner can stop a hopeless trial between
+batches without a round trip through the driver.
 """
 
 from __future__ import annotations
