@@ -133,7 +133,10 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         "mode": cfg.pruning.mode,
         "bias_compensation": cfg.pruning.bias_compensation,
         "target_sparsity": cfg.pruning.sparsity,
-        "achieved_sparsity": result.achieved,
+        "achieved_sparsity": result.achieved,  # share of prunable weights that are zero (any the dense model had too)
+        "pruned_weights": result.pruned_weights,  # what the masks removed
+        "prunable_weights": result.prunable_weights,
+        "target_weights": round(cfg.pruning.sparsity * result.prunable_weights),  # unstructured: = pruned_weights
         "removed_layers": None if removal is None else {"blocks": removal.removed, "scales": removal.scales,
                                                          "compensated": cfg.pruning.compensate},
         "stats_source": result.stats_source,

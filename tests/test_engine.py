@@ -223,3 +223,33 @@ def test_mrp_evens_out_redundancy_across_blocks(tiny_dirs):
         ratios[b] = saved
     assert max(red) - min(red) < 0.03
     assert max(red) - min(red) < max(uniform_red) - min(uniform_red)
+
+
+# ---------------------------------------------------------------- the budget to the weight
+@pytest.mark.parametrize("group", ["row", "layer"])
+@pytest.mark.parametrize("allocation", ["uniform", "owl:M=3,lam=0.2", "mrp:M=2"])
+@pytest.mark.parametrize("mode", ["one_shot", "sequential"])
+def test_prune_removes_round_s_n_weights_exactly(tiny_dirs, allocation, group, mode):
+    """Not within a tolerance: the number of zeroed weights is round(S x N), whatever the
+    allocation, the comparison group or the mode (0.6 of the tiny layers is never whole per row)."""
+    lm = load_model(tiny_dirs["llama"], device="cpu")
+    skew_block(lm.model)
+    linears = prunable_linears(lm.model)
+    n = sum(l.numel for l in linears)
+    assert sum((l.weight == 0).sum().item() for l in linears) == 0
+    res = prune_model(lm.model, ids(), PruneSpec(metric="wanda", sparsity=0.6, allocation=allocation, group=group, mode=mode))
+    zeros = sum((l.weight == 0).sum().item() for l in linears)
+    assert zeros == res.pruned_weights == round(0.6 * n) and res.prunable_weights == n
+    for rec, lin in zip(res.layers, linears):  # every layer within one weight of its own ratio
+        assert abs(rec.pruned - rec.target * rec.numel) < 1
+        if group == "row":  # rows differ by at most one
+            per_row = (lin.weight == 0).sum(1)
+            assert per_row.max() - per_row.min() <= 1
+
+
+def test_nm_reports_what_its_grid_allows(tiny_dirs):
+    lm = load_model(tiny_dirs["llama"], device="cpu")
+    skew_block(lm.model)
+    res = prune_model(lm.model, ids(), PruneSpec(metric="wanda", sparsity=0.5, allocation="owl:M=3,lam=0.2", structure="4:8"))
+    zeros = sum((l.weight == 0).sum().item() for l in prunable_linears(lm.model))
+    assert zeros == res.pruned_weights and all(abs(r * 8 - round(r * 8)) < 1e-9 for r in res.block_targets)

@@ -95,3 +95,15 @@ def test_the_dense_cache_follows_the_text_not_just_its_name(tmp_path):
     second = Evaluator(cfg)
     assert not torch.equal(second.ref.ids, first.ref.ids)
     assert not torch.allclose(second.ref.hidden, first.ref.hidden)
+
+
+# ---------------------------------------------------------------- the budget to the weight
+def test_a_study_candidate_prunes_round_s_n_weights_exactly(ev):
+    """Blockwise ratios on the budget and an OWL candidate: the trial's masks remove round(S x N)
+    weights, no fewer (per-row flooring lost up to d_out weights per layer before)."""
+    n = ev.layout.total
+    for cand in (Candidate(ratios=[0.45, 0.75]), Candidate(allocation={"name": "owl", "params": {"M": 3.0, "lam": 0.1}})):
+        res = ev.evaluate(cand)
+        zeros = sum(int((l.weight == 0).sum()) for l in ev.linears)
+        assert round(res["achieved"] * n) == zeros == round(0.6 * n)
+        assert res["achieved"] == round(0.6 * n) / n

@@ -19,8 +19,8 @@ from prunesearch.models.families import PrunableLinear, decoder_blocks, linears_
 from prunesearch.models.forward import BlockInput, batches, capture_block_inputs, run_to_lm_head
 from prunesearch.pruning import metrics
 from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
-from prunesearch.pruning.budget import round_to_grid, weighted_mean
-from prunesearch.pruning.masks import NM, parse_structure, prune_mask
+from prunesearch.pruning.budget import exact_counts, round_to_grid, weighted_mean
+from prunesearch.pruning.masks import NM, count_mask, parse_structure, prune_mask
 from prunesearch.pruning.stats import ColumnStats, StatsCollector
 
 MODES = ("one_shot", "sequential")
@@ -46,7 +46,8 @@ class LayerRecord:
     kind: str
     numel: int
     target: float
-    achieved: float
+    achieved: float  # share of the layer's weights that are zero after pruning
+    pruned: int = 0  # weights the mask removed (unstructured: this layer's exact share of the budget)
 
 
 @dataclass
@@ -63,6 +64,14 @@ class PruneResult:
     def achieved(self) -> float:
         return sum(l.achieved * l.numel for l in self.layers) / sum(l.numel for l in self.layers)
 
+    @property
+    def pruned_weights(self) -> int:
+        return sum(l.pruned for l in self.layers)
+
+    @property
+    def prunable_weights(self) -> int:
+        return sum(l.numel for l in self.layers)
+
     def block_achieved(self) -> list[float]:
         sizes, zeros = {}, {}
         for l in self.layers:
@@ -74,6 +83,7 @@ class PruneResult:
         d = asdict(self)
         d["achieved"] = self.achieved
         d["block_achieved"] = self.block_achieved()
+        d["pruned_weights"], d["prunable_weights"] = self.pruned_weights, self.prunable_weights
         return d
 
 
@@ -140,18 +150,21 @@ class _LayerPruner:
         self.added_bias: list[str] = []
 
     @torch.no_grad()
-    def __call__(self, lin: PrunableLinear, sparsity: float, stats: ColumnStats | None) -> float:
+    def __call__(self, lin: PrunableLinear, sparsity: float, stats: ColumnStats | None, count: int | None = None) -> tuple[float, int]:
+        """Prune ``lin`` to ``sparsity`` (unstructured: exactly ``count`` weights when given);
+        returns the share of its weights now zero and the number the mask removed."""
         W = lin.weight
         if metrics.is_solver(self.spec.metric):
             from prunesearch.pruning.sparsegpt import sparsegpt_prune
 
-            sparsegpt_prune(W, stats.xtx, sparsity, self.nm, **metrics.METRICS.resolve(self.spec.metric)[1])
-            return (W == 0).float().mean().item()
-        mask = prune_mask(metrics.score(self.spec.metric, W, stats), sparsity, self.group, self.nm)
+            mask = sparsegpt_prune(W, stats.xtx, sparsity, self.nm, count=count, **metrics.METRICS.resolve(self.spec.metric)[1])
+            return (W == 0).float().mean().item(), int(mask.sum())
+        scores = metrics.score(self.spec.metric, W, stats)
+        mask = prune_mask(scores, sparsity, self.group, self.nm) if count is None else count_mask(scores, count, self.group)
         if self.spec.bias_compensation:
             self._compensate(lin, mask, stats)
         W.masked_fill_(mask, 0)
-        return (W == 0).float().mean().item()
+        return (W == 0).float().mean().item(), int(mask.sum())
 
     def _compensate(self, lin: PrunableLinear, mask: torch.Tensor, stats: ColumnStats) -> None:
         """STADE: the pruned weights' expected contribution, sum_j mean(X_j) W_ij, moves into the bias."""
@@ -202,12 +215,13 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
 
     pruner = _LayerPruner(spec, group, nm)
     records: list[LayerRecord] = []
+    counts = layer_counts(linears, ratios, nm)
 
     def prune_block(b: int, stats: dict[str, ColumnStats] | None) -> None:
         for lin in blocks[b]:
             target = ratio_of(ratios[b], lin)
-            achieved = pruner(lin, target, stats.get(lin.name) if stats else None)
-            records.append(LayerRecord(lin.name, b, lin.kind, lin.numel, target, achieved))
+            achieved, pruned = pruner(lin, target, stats.get(lin.name) if stats else None, counts and counts[lin.name])
+            records.append(LayerRecord(lin.name, b, lin.kind, lin.numel, target, achieved, pruned))
 
     t = time.perf_counter()
     if spec.mode == "one_shot":
@@ -221,6 +235,16 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     timings["pruning"] = time.perf_counter() - t  # sequential mode: includes the block forwards
     timings["total"] = time.perf_counter() - t_start
     return PruneResult(records, ratios, stats_source, group, str(nm) if nm else "unstructured", timings, pruner.added_bias)
+
+
+def layer_counts(linears: list[PrunableLinear], block_ratios: list, nm: NM | None) -> dict[str, int] | None:
+    """Unstructured: the weights each layer prunes, summing to round(sum of ratio x size) exactly
+    (``exact_counts`` over the layers in model order, as a study's FastMasker splits them).
+    None for N:M, whose grid fixes every layer's count."""
+    if nm is not None:
+        return None
+    ratios = [ratio_of(block_ratios[lin.block], lin) for lin in linears]
+    return dict(zip((l.name for l in linears), exact_counts(ratios, [l.numel for l in linears])))
 
 
 def _dense_metrics(spec: PruneSpec, alloc_entry, alloc_params: dict) -> list[str]:

@@ -15,7 +15,8 @@ import torch
 
 from prunesearch.models.families import PrunableLinear
 from prunesearch.pruning import metrics
-from prunesearch.pruning.masks import NM, count_pruned, prune_mask, score_ranks
+from prunesearch.pruning.budget import exact_counts
+from prunesearch.pruning.masks import NM, count_mask, count_pruned, prune_mask, rank_mask, score_ranks
 from prunesearch.pruning.stats import ColumnStats
 
 
@@ -50,28 +51,43 @@ class FastMasker:
     @torch.no_grad()
     def apply(self, sparsity: dict[str, float], metric: str | None = None) -> int:
         """Prune each layer to its ratio (from the dense weights) under ``metric`` (default: the
-        ranked one); returns the number of weights masked."""
+        ranked one); returns the number of weights masked. Unstructured: exactly
+        round(sum of ratio x size) over all layers (``exact_counts``), as ``prune`` does; N:M:
+        round(ratio x M) of every group of M."""
         metric = metric or self.metric
+        counts = self.counts(sparsity)
         if metrics.is_solver(metric):
-            return self._solve(sparsity, metric)
+            return self._solve(sparsity, metric, counts)
         ranked = metric == self.metric
         masked = 0
         for lin in self.linears:
             W, dense = lin.weight, self.dense[lin.name]
-            k = count_pruned(sparsity[lin.name], tuple(W.shape), self.group, self.nm)
-            if k <= 0:
+            if self.nm is not None:
+                k = count_pruned(sparsity[lin.name], tuple(W.shape), self.group, self.nm)
+                count = k * W.shape[0] * (W.shape[1] // self.nm.m)
+            else:
+                count = counts[lin.name]
+            if count <= 0:
                 W.copy_(dense)
                 continue
             if ranked:
-                mask = self.ranks[lin.name] < k
+                mask = self.ranks[lin.name] <= k - 1 if self.nm is not None else rank_mask(self.ranks[lin.name], count, self.group)
             else:
                 scores = metrics.score(metric, dense, self._stats_of(lin))
-                mask = prune_mask(scores, sparsity[lin.name], self.group, self.nm)
+                mask = prune_mask(scores, sparsity[lin.name], self.group, self.nm) if self.nm is not None \
+                    else count_mask(scores, count, self.group)
             torch.where(mask, self._zero, dense, out=W)  # one pass; copy_ + masked_fill_ is 20x slower on CPU
-            masked += self._count(k, W.shape)
+            masked += count
         return masked
 
-    def _solve(self, sparsity: dict[str, float], metric: str) -> int:
+    def counts(self, sparsity: dict[str, float]) -> dict[str, int] | None:
+        """Weights each layer prunes, unstructured (None for N:M: its grid decides)."""
+        if self.nm is not None:
+            return None
+        return dict(zip((l.name for l in self.linears),
+                        exact_counts([sparsity[l.name] for l in self.linears], [l.numel for l in self.linears])))
+
+    def _solve(self, sparsity: dict[str, float], metric: str, counts: dict[str, int] | None) -> int:
         from prunesearch.pruning.sparsegpt import sparsegpt_prune
 
         params = dict(metrics.METRICS.resolve(metric)[1])
@@ -87,7 +103,8 @@ class FastMasker:
                 raise ValueError(f"{metric} needs X^T X of {lin.name}: collect the statistics with want_xtx")
             if lin.name not in self.factors:
                 self.factors[lin.name] = self._factor_for(lin.name, st.xtx, damp, W.device)
-            masked += int(sparsegpt_prune(W, self.factors[lin.name], sparsity[lin.name], self.nm, **params).sum())
+            masked += int(sparsegpt_prune(W, self.factors[lin.name], sparsity[lin.name], self.nm,
+                                          count=counts[lin.name] if counts else None, **params).sum())
         return masked
 
     def _factor_for(self, name: str, xtx: torch.Tensor, damp: float, device: torch.device):
@@ -106,11 +123,6 @@ class FastMasker:
 
     def _stats_of(self, lin: PrunableLinear) -> ColumnStats | None:
         return self.stats.get(lin.name) if self.stats else None
-
-    def _count(self, k: int, shape: torch.Size) -> int:
-        if self.nm is not None:
-            return k * shape[0] * (shape[1] // self.nm.m)
-        return k * shape[0] if self.group == "row" else k
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -3,6 +3,11 @@
 Ties are broken deterministically: a stable ascending sort, so among equal scores the lower
 column index is pruned first. This matters: the default model was 4-bit before dequantization
 and its magnitudes tie a lot.
+
+Unstructured masks can prune an exact number of weights per layer (``count``): ``budget.
+exact_counts`` hands every layer its share of round(S x N) and a layer's count goes
+``count // d_out`` to every row and one more to ``count % d_out`` evenly spaced rows
+(``extra_rows``), so the whole model meets its budget to the weight.
 """
 
 from __future__ import annotations
@@ -119,3 +124,44 @@ def prune_mask(scores: torch.Tensor, sparsity: float, group: str = "row", nm: NM
     if group == "layer":
         return lowest_k_along_last(scores.reshape(-1), k).reshape(d_out, d_in)
     raise UserError(f"unknown comparison group '{group}': use {' or '.join(GROUPS)}")
+
+
+def extra_rows(d_out: int, extra: int, device=None) -> torch.Tensor:
+    """0/1 per row: which ``extra`` of ``d_out`` rows prune one weight more than the others.
+    Evenly spaced (row i when floor((i+1) e / d) > floor(i e / d)), so no part of the layer (a
+    head, the first rows) takes them all; a pure function of the two numbers, which the engine
+    and the study's rank masks share."""
+    i = torch.arange(d_out, device=device)
+    return (i + 1) * extra // d_out - i * extra // d_out
+
+
+def count_mask(scores: torch.Tensor, count: int, group: str = "row") -> torch.Tensor:
+    """Unstructured mask (True = prune) of exactly ``count`` weights of a (d_out, d_in) layer:
+    the lowest ``count`` of the layer (group ``layer``), or per row the lowest ``count // d_out``
+    and one more in ``count % d_out`` evenly spaced rows (group ``row``). Ties as a stable sort.
+    Equal to ``rank_mask(score_ranks(scores, group), count, group)``, by selection."""
+    d_out, d_in = scores.shape
+    if not 0 <= count <= d_out * d_in:
+        raise ValueError(f"cannot prune {count} of {d_out * d_in} weights")
+    if group == "layer":
+        return lowest_k_along_last(scores.reshape(-1), count).reshape(d_out, d_in)
+    if group != "row":
+        raise UserError(f"unknown comparison group '{group}': use {' or '.join(GROUPS)}")
+    k, extra = divmod(count, d_out)
+    mask = lowest_k_along_last(scores, k)
+    if extra:
+        rows = extra_rows(d_out, extra, scores.device).bool()
+        mask[rows] = lowest_k_along_last(scores[rows], k + 1)
+    return mask
+
+
+def rank_mask(ranks: torch.Tensor, count: int, group: str = "row") -> torch.Tensor:
+    """``count_mask`` from stored ranks (``score_ranks``): one comparison, no selection. Compared
+    as ``ranks <= k - 1`` so that the bound always fits the ranks' small integer type."""
+    if group == "layer":
+        return ranks <= count - 1
+    k, extra = divmod(count, ranks.shape[0])
+    if not extra:
+        return ranks <= k - 1
+    bound = extra_rows(ranks.shape[0], extra, ranks.device).to(ranks.dtype).add_(k - 1).unsqueeze(1)
+    return ranks <= bound

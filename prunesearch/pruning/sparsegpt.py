@@ -43,10 +43,18 @@ class HessianFactor:
 
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor | HessianFactor, sparsity: float, nm: NM | None = None, *,
-                    blocksize: int = 128, damp: float = 0.01) -> torch.Tensor:
+                    blocksize: int = 128, damp: float = 0.01, count: int | None = None) -> torch.Tensor:
     """Prune the (d_out, d_in) weight ``W`` in place; returns the boolean mask of pruned weights.
-    ``xtx`` is the layer's X^T X, or its HessianFactor (then ``damp`` was applied there)."""
+    ``xtx`` is the layer's X^T X, or its HessianFactor (then ``damp`` was applied there).
+    Unstructured, ``count`` (default floor(sparsity x numel)) weights go in all, shared between
+    the column blocks in proportion to their widths by largest remainder."""
     d_out, d_in = W.shape
+    if nm is None:
+        from prunesearch.pruning.budget import exact_counts
+
+        count = int(sparsity * W.numel() + 1e-9) if count is None else count
+        widths = [min(blocksize, d_in - i) for i in range(0, d_in, blocksize)]
+        per_block = iter(exact_counts([count / W.numel()] * len(widths), [d_out * w for w in widths]))
     factor = xtx if isinstance(xtx, HessianFactor) else HessianFactor(xtx, damp, W.device)
     U = factor.U.to(W.device)
     work = W.to(torch.float64).clone()
@@ -59,7 +67,7 @@ def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor | HessianFactor, sparsity
         errors = torch.zeros_like(block)
         if nm is None:
             saliency = block.square() / diag.square()
-            k = int(sparsity * saliency.numel() + 1e-9)
+            k = next(per_block)
             mask1 = lowest_k_along_last(saliency.reshape(-1), k).reshape(saliency.shape)
         else:
             mask1 = torch.zeros_like(block, dtype=torch.bool)
