@@ -162,6 +162,10 @@ def _print_prune_report(report: dict, out: Path | None) -> None:
         out_console.print(f"weights pruned: {pruned:,} of {total:,}, {pruned - goal:+,} against {budget} = {goal:,}"
                           + (f" ({report['structure']}: whole multiples of 1/M per layer)" if ":" in report["structure"] else ""),
                           soft_wrap=True)
+    if cached := {k: v for k, v in (report.get("cache") or {}).items() if v is not None}:  # None: not needed
+        out_console.print("dense side: " + ", ".join(f"{k.replace('_', ' ').removeprefix('dense ')} "
+                                                     f"{'from the cache' if v else 'computed'}"
+                                                     for k, v in cached.items()), soft_wrap=True)
     t = report["timings"]
     out_console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     if out is not None:

@@ -16,7 +16,9 @@ from prunesearch.models import load_model
 from prunesearch.models.saving import bias_fold_problem, check_output_dir, save_pruned
 from prunesearch.objectives.lm import perplexity
 from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
-from prunesearch.pruning.engine import prune_model
+from prunesearch.models.families import prunable_linears
+from prunesearch.pruning.engine import collect_stats, dense_stats_extras, prune_model
+from prunesearch.workers import dense_cache
 
 REPORT_NAME = "prune_report.json"
 
@@ -102,19 +104,50 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
     bs_eval = cfg.evaluation.batch_size if cfg.evaluation else 8
     recon_ids = calib[: cfg.reconstruction_samples]
 
+    # The dense side: perplexity, reference and the statistics of the model before pruning, from
+    # the disk cache where a study's workers or an earlier prune left them (same model, weights,
+    # text and settings), else computed here and cached for the next run.
     t = time.perf_counter()
-    dense_ppl = perplexity(model, held_out, bs_eval, progress, "dense perplexity") if held_out is not None else None
-    ref = DenseReference.compute(model, recon_ids, cfg.calibration.batch_size) if len(recon_ids) else None
+    spec = cfg.pruning.spec(cfg.calibration.batch_size)
+    p, bs = cfg.pruning, cfg.calibration.batch_size
+    model_key = dense_cache.model_parts(lm, m, next(model.parameters()).device, dense_cache.model_fingerprint(model))
+    extras = dense_stats_extras(spec)
+    cached_stats, ref = dense_cache.find_dense(model_key, cfg.calibration, cfg.reconstruction_samples,
+                                               [p.remove_layers, p.compensate], extras, calib,
+                                               next(model.parameters()).device, p.remove_blocks)
+    cache = {"dense_perplexity": None, "dense_reference": None, "calibration_statistics": None}
+    dense_ppl = None
+    if held_out is not None:
+        ppl_key = dense_cache.perplexity_key(model_key, held_out, bs_eval)
+        dense_ppl = dense_cache.load_perplexity(ppl_key)
+        cache["dense_perplexity"] = dense_ppl is not None
+        if dense_ppl is None:
+            dense_ppl = perplexity(model, held_out, bs_eval, progress, "dense perplexity")
+            dense_cache.save_perplexity(ppl_key, dense_ppl)
+    if len(recon_ids):
+        cache["dense_reference"] = ref is not None
+        if ref is None:
+            ref = DenseReference.compute(model, recon_ids, bs)
     timings["dense_eval"] = time.perf_counter() - t
 
     removal = None
-    if cfg.pruning.remove_layers:
+    if p.remove_layers:
         from prunesearch.pruning.layer_removal import remove_blocks
 
-        removal = remove_blocks(model, calib, cfg.pruning.remove_layers, compensate=cfg.pruning.compensate,
-                                batch_size=cfg.calibration.batch_size, progress=progress, blocks=cfg.pruning.remove_blocks)
+        removal = remove_blocks(model, calib, p.remove_layers, compensate=p.compensate,
+                                batch_size=bs, progress=progress, blocks=p.remove_blocks)
         timings["remove_layers"] = removal.timings.get("total", 0.0)
-    result = prune_model(model, calib, cfg.pruning.spec(cfg.calibration.batch_size), progress=progress)
+    if extras is not None:  # after any removal: the statistics are of the model that is pruned
+        cache["calibration_statistics"] = cached_stats is not None
+        if cached_stats is None:
+            t = time.perf_counter()
+            cached_stats = collect_stats(model, prunable_linears(model), calib, bs, progress, extras=extras)
+            timings["calibration"] = time.perf_counter() - t
+            if ref is not None:  # an entry holds both: what a study's evaluator reads too
+                dense_cache.save_dense(dense_cache.side_key(model_key, cfg.calibration, cfg.reconstruction_samples,
+                                                            [p.remove_layers, p.compensate], extras, calib),
+                                       cached_stats, ref, removed_blocks=removal.removed if removal else None)
+    result = prune_model(model, calib, spec, progress=progress, dense_stats=cached_stats)
     timings.update({f"prune_{k}": v for k, v in result.timings.items()})
 
     t = time.perf_counter()
@@ -153,6 +186,7 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         "layers": [vars(r) for r in result.layers],
         "added_bias": result.added_bias,
         "kv_cache": kv_report(model, cfg.kv_cache),
+        "cache": cache,  # which dense-side parts came from the disk cache (None: not needed)
         "config": cfg.model_dump(mode="json"),
     }
     if out is not None:

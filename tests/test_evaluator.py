@@ -107,3 +107,46 @@ def test_a_study_candidate_prunes_round_s_n_weights_exactly(ev):
         zeros = sum(int((l.weight == 0).sum()) for l in ev.linears)
         assert round(res["achieved"] * n) == zeros == round(0.6 * n)
         assert res["achieved"] == round(0.6 * n) / n
+
+
+# ---------------------------------------------------------------- export --apply reuses the workers' dense side
+def test_an_exported_trial_reuses_the_workers_cached_dense_side(tmp_path, monkeypatch):
+    """What `export --apply` runs: the study's config with the trial's ratios, one-shot. Its
+    statistics and reference are the ones the worker cached, read back instead of recomputed, and
+    the re-applied model has the trial's objective value."""
+    import optuna
+
+    from prunesearch import prune_job
+    from prunesearch.config import PruneConfig
+    from prunesearch.search.export import prune_config
+    from prunesearch.workers import dense_cache
+
+    monkeypatch.setattr(dense_cache, "cache_dir", lambda *parts: tmp_path.joinpath(*parts))
+    (tmp_path / "dense").mkdir()
+    cfg = small_config()
+    worker = Evaluator(cfg)
+    assert not worker.dense_cached and len(list((tmp_path / "dense").glob("*.pt"))) == 1
+    value = worker.evaluate(Candidate(ratios=[0.45, 0.75]))["named"]
+    trial = optuna.trial.create_trial(value=value["frobenius"], user_attrs={"ratios": [0.45, 0.75]})
+    data = prune_config(cfg, trial) | {"evaluation": None}
+    assert data["pruning"]["mode"] == "one_shot"
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration ran again")
+
+    monkeypatch.setattr(prune_job, "collect_stats", no_calibration)
+    monkeypatch.setattr(prune_job.DenseReference, "compute", no_calibration)
+    report = prune_job.run_prune(PruneConfig.model_validate(data), None, progress=False)
+    assert report["cache"] == {"dense_perplexity": None, "dense_reference": True, "calibration_statistics": True}
+    assert report["reconstruction"]["pruned"]["frobenius"] == pytest.approx(value["frobenius"], rel=1e-6)
+    assert report["reconstruction"]["pruned"]["kl"] == pytest.approx(value["kl"], rel=1e-6)
+    assert report["pruned_weights"] == round(0.6 * worker.layout.total)
+
+
+def test_the_weights_fingerprint_tells_an_overwritten_model_apart(tiny_dirs):
+    from prunesearch.workers.dense_cache import model_fingerprint
+
+    a, b = (load_model(tiny_dirs["llama"], device="cpu").model for _ in range(2))
+    assert model_fingerprint(a) == model_fingerprint(b)
+    prune_model(b, None, PruneSpec(metric="magnitude", sparsity=0.5, mode="one_shot"))
+    assert model_fingerprint(a) != model_fingerprint(b)

@@ -119,3 +119,31 @@ def test_prune_meets_the_budget_to_the_weight(allocation, group, capsys):
     line = next(l for l in stdout.splitlines() if l.startswith("weights pruned"))
     n = 2 * (576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3)
     assert line == f"weights pruned: {round(0.6 * n):,} of {n:,}, exactly round(0.6 x {n:,})"
+
+
+def test_a_second_prune_takes_the_dense_side_from_the_cache(tmp_path, monkeypatch, capsys):
+    """Dense perplexity, reference and the allocation's statistics: computed once, then read back
+    (same values, same pruned model); another evaluation text is another perplexity entry."""
+    from prunesearch.workers import dense_cache
+
+    monkeypatch.setattr(dense_cache, "cache_dir", lambda *parts: tmp_path.joinpath("cache", *parts))
+    (tmp_path / "cache" / "dense").mkdir(parents=True)
+    args = ["prune", "--sparsity", "0.6", "--allocation", "owl", *SMALL]
+    reports, outs = [], []
+    for run in ("first", "second"):
+        code, stdout, err = run_cli([*args, "--out", str(tmp_path / run)], capsys)
+        assert code == 0, err
+        reports.append(json.loads((tmp_path / run / "prune_report.json").read_text()))
+        outs.append(stdout)
+    first, second = reports
+    assert first["cache"] == {"dense_perplexity": False, "dense_reference": False, "calibration_statistics": False}
+    assert second["cache"] == {"dense_perplexity": True, "dense_reference": True, "calibration_statistics": True}
+    assert second["perplexity"] == first["perplexity"] and second["reconstruction"] == first["reconstruction"]
+    assert [b["target"] for b in second["blocks"]] == [b["target"] for b in first["blocks"]]
+    assert "dense side: perplexity computed, reference computed, calibration statistics computed" in outs[0]
+    assert ("dense side: perplexity from the cache, reference from the cache, calibration statistics from the cache"
+            in outs[1])
+    assert "calibration" not in second["timings"] and "prune_calibration" not in second["timings"]
+    code, stdout, err = run_cli([*args, "--eval-seq-len", "32"], capsys)  # other held-out ids: measured again
+    assert code == 0, err
+    assert "perplexity computed, reference from the cache" in stdout

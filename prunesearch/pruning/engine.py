@@ -128,12 +128,12 @@ def check_spec(spec: PruneSpec, linears: list[PrunableLinear] | None = None) -> 
 
 def collect_stats(model: nn.Module, linears: list[PrunableLinear], ids: torch.Tensor, batch_size: int,
                   progress: bool = False, desc: str = "calibration", metric: str | list[str] | None = None,
-                  xtx: bool | None = None) -> dict[str, ColumnStats]:
+                  xtx: bool | None = None, extras: dict[str, bool] | None = None) -> dict[str, ColumnStats]:
     """One decoder-only forward over the calibration ids with hooks on ``linears``; ``metric``
     (one spec, or every metric that will score these statistics) adds the optional statistics
     they need: ACE's cosine statistic, SparseGPT's X^T X (every layer's at once; ``xtx``
-    overrides)."""
-    extras = metrics.stats_extras(metric)
+    overrides); ``extras`` gives the StatsCollector flags directly instead."""
+    extras = dict(extras) if extras is not None else metrics.stats_extras(metric)
     if xtx is not None:
         extras["want_xtx"] = xtx
     with StatsCollector(linears, **extras) as collector:
@@ -176,8 +176,25 @@ class _LayerPruner:
         module.bias.data += delta.to(module.bias.dtype)
 
 
-def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpec, progress: bool = False) -> PruneResult:
-    """Prune ``model`` in place as ``spec`` says; ``calib_ids`` (n, seq_len) feed the statistics."""
+def dense_stats_extras(spec: PruneSpec) -> dict[str, bool] | None:
+    """Whether ``prune_model`` gathers statistics of the model as it is before pruning (for the
+    allocation, and in one-shot mode for the metric), and with which optional ones (the
+    StatsCollector flags); None when it needs none. What a cached dense side must hold to
+    replace that pass."""
+    alloc_entry, alloc_params = ALLOCATIONS.resolve(spec.allocation)
+    metric_stats = metrics.metric_needs_stats(spec.metric) or spec.bias_compensation
+    if not (alloc_entry.meta.get("needs_stats", True) or (metric_stats and spec.mode == "one_shot")):
+        return None
+    extras = metrics.stats_extras(_dense_metrics(spec, alloc_entry, alloc_params))
+    extras["want_xtx"] = spec.mode == "one_shot" and metrics.stats_extras(spec.metric)["want_xtx"]  # sequential: per block
+    return extras
+
+
+def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpec, progress: bool = False,
+                dense_stats: dict[str, ColumnStats] | None = None) -> PruneResult:
+    """Prune ``model`` in place as ``spec`` says; ``calib_ids`` (n, seq_len) feed the statistics.
+    ``dense_stats``: statistics of this model as it is now, gathered before over the same ids
+    with at least ``dense_stats_extras(spec)`` (a cached dense side): they replace that pass."""
     t_start = time.perf_counter()
     linears = prunable_linears(model)
     blocks = linears_by_block(linears)
@@ -190,17 +207,19 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
         raise UserError(f"metric '{spec.metric}' / allocation needs calibration text, and none was given")
     timings: dict[str, float] = {}
 
-    scored = _dense_metrics(spec, alloc_entry, alloc_params)
-    one_shot_solver = spec.mode == "one_shot" and metrics.stats_extras(spec.metric)["want_xtx"]
+    extras = dense_stats_extras(spec)
 
     def gather(desc: str = "calibration") -> dict[str, ColumnStats]:
         t = time.perf_counter()
-        stats = collect_stats(model, linears, calib_ids, spec.batch_size, progress, desc, metric=scored,
-                              xtx=one_shot_solver)  # sequential: one block's extras at a time, below
+        stats = collect_stats(model, linears, calib_ids, spec.batch_size, progress, desc,
+                              extras=extras)  # sequential: one block's extras at a time, below
         timings["calibration"] = timings.get("calibration", 0.0) + time.perf_counter() - t
         return stats
 
-    dense_stats = gather() if alloc_stats or (metric_stats and spec.mode == "one_shot") else None
+    if extras is None:
+        dense_stats = None
+    elif dense_stats is None:
+        dense_stats = gather()
 
     t = time.perf_counter()
     ctx = AllocationContext(blocks, dense_stats, spec.metric, group, nm, spec.max_sparsity)

@@ -12,7 +12,6 @@ model between k values (searched_removal.py).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Callable
 
@@ -33,7 +32,8 @@ from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.masks import parse_structure
 from prunesearch.spaces import Candidate, ModelLayout, block_to_units, kept_bits, unit_of
 from prunesearch.spaces.spaces import SearchSpace
-from prunesearch.workers.dense_cache import dense_key, from_blob, load_dense, save_dense, to_blob
+from prunesearch.workers.dense_cache import (from_blob, load_dense, model_fingerprint, model_parts, save_dense, side_key,
+                                             to_blob)
 from prunesearch.workers.searched_removal import SearchedRemoval
 
 OnBatch = Callable[[int, float], bool]
@@ -72,15 +72,14 @@ class Evaluator:
         With ``pruning.remove_layers`` the blocks go here (deterministic: same text, same blocks),
         after the dense reference and before the statistics."""
         c, p = self.cfg, self.cfg.pruning
-        self.dense_key = key = dense_key(model=self.lm.source, spec=c.model.name, dtype=c.model.dtype, device=self.device.type,
-                        max_layers=c.model.max_layers, calibration=c.calibration.model_dump(),
-                        recon=c.reconstruction_samples, removal=[p.remove_layers, p.compensate],
-                        extras=metrics.stats_extras(p.metric),
-                        tokens=hashlib.sha256(calib.numpy().tobytes()).hexdigest())  # the text itself, not its name
+        model = model_parts(self.lm, c.model, self.device, model_fingerprint(self.model))
+        self.dense_key = key = side_key(model, c.calibration, c.reconstruction_samples, [p.remove_layers, p.compensate],
+                                        metrics.stats_extras(p.metric), calib)  # the same key prune looks up
         got = load_dense(key, self.device)
         if got is None and shared is not None and shared.get("key") == key:
             got = from_blob(shared["blob"], self.device)
-            save_dense(key, *got)  # this node's cache, for its next start
+            save_dense(key, *got, removed_blocks=shared.get("removed_blocks"))  # this node's cache, for its next start
+        self.dense_cached = got is not None  # from this node's disk or another worker, not computed here
         ref = got[1] if got else None
         bs = c.calibration.batch_size
         if p.remove_layers:
@@ -94,11 +93,16 @@ class Evaluator:
         stats = collect_stats(self.model, prunable_linears(self.model), calib, bs, metric=p.metric)
         if ref is None:
             ref = DenseReference.compute(self.model, calib[: c.reconstruction_samples], bs)
-        save_dense(key, stats, ref)
+        save_dense(key, stats, ref, removed_blocks=self._removed_blocks())
         return stats, ref
 
+    def _removed_blocks(self) -> list[int] | None:
+        """The blocks pruning.remove_layers removed before the statistics (recorded with them, so
+        that ``prune`` with pinned remove_blocks reuses only statistics of the same model)."""
+        return list(self.fixed_removal.removed) if self.fixed_removal else None
+
     def dense_payload(self) -> dict:
-        return {"key": self.dense_key, "blob": to_blob(self.dense_stats, self.ref)}
+        return {"key": self.dense_key, "blob": to_blob(self.dense_stats, self.ref), "removed_blocks": self._removed_blocks()}
 
     # ------------------------------------------------------------------ blocks removed per trial
     @property
