@@ -250,7 +250,7 @@ def _run(cfg, quiet: bool) -> None:
         console.print(line, highlight=False, soft_wrap=True)
 
     summary = run_study(cfg, progress=not quiet, say=say)
-    Console().print(_summary_line(summary), highlight=False)
+    Console().print(_summary_line(summary), highlight=False, soft_wrap=True)
     if summary.stopped_by == "interrupt":
         sys.exit(130)
 

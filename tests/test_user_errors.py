@@ -212,6 +212,7 @@ def test_a_study_without_finished_trials_can_be_relaunched_reported_and_deleted(
     code, _, err = run_cli(["launch", str(write_config(tmp_path, fixed, "fixed.yaml")), "-q"], capsys)
     assert code == 0, err
     assert "study replaced: it held no finished trial" in err
+    assert "dense side from the cache" in err  # the first launch computed (or found) it: never twice
     assert load(fixed).user_attrs["config"]["pruning"]["sparsity"] == 0.5
     # now it has finished trials: another config is refused, as before
     code, _, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "-q"], capsys)

@@ -27,6 +27,7 @@ class EvaluatorActor:
 
         ev = self.evaluator
         return {"pid": os.getpid(), "worker": self.worker, "startup_s": ev.startup_s, "device": str(ev.device), "layout": ev.layout.to_dict(),
+                "stages": ev.stages, "dense_cached": ev.dense_cached,
                 "block_class": type(decoder_blocks(ev.model)[0]).__name__, "linear_names": [l.name for l in ev.linears]}
 
     def dense_side(self) -> dict:

@@ -47,13 +47,18 @@ class Evaluator:
         if threads:
             torch.set_num_threads(threads)
         m = self.cfg.model
+        self.stages: dict[str, float] = {}  # start-up stage -> seconds, for the driver's start-up lines
+        t = time.perf_counter()
         self.lm = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_layers=m.max_layers)
         self.model = self.lm.model
         self.device = next(self.model.parameters()).device
+        self.stages["model load"], t = time.perf_counter() - t, time.perf_counter()
         calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation, model=self.model)
         self.held_out = held_out if "perplexity" in self.cfg.objectives else None
+        self.stages["text"], t = time.perf_counter() - t, time.perf_counter()
         self.fixed_removal = None  # what pruning.remove_layers removed before the search, if anything
         self.stats, self.ref = self._dense_side(calib, dense)  # removes blocks first when the study says so
+        self.stages["dense side"], t = time.perf_counter() - t, time.perf_counter()
         self.dense_stats = self.stats  # what dense_payload shares, whatever k the model is at
         self.linears = prunable_linears(self.model)
         self.blocks = linears_by_block(self.linears)
@@ -65,6 +70,7 @@ class Evaluator:
         self.searched = None  # a study that searches how many blocks to remove
         if self.cfg.space.remove_layers:
             self.searched = SearchedRemoval(self.model, calib, self.cfg, self.layout, self.stats, self.masker.group, self.nm)
+        self.stages["ranking scores"] = time.perf_counter() - t
         self.startup_s = time.perf_counter() - t0
 
     def _dense_side(self, calib: torch.Tensor, shared: dict | None):
