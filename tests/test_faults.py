@@ -17,8 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import PG_PASSWORD, run_cli
-import test_search as search_tests
-from test_search import start_driver, study_config, write_config
+from test_search import StudyDb, driver_name, frozen_after, start_driver, study_config, wait_for, write_config
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -37,10 +36,6 @@ def load(cfg: dict) -> optuna.Study:
     from prunesearch.search.storage import open_storage
 
     return optuna.load_study(study_name=cfg["study"], storage=open_storage(cfg["storage"], create=False))
-
-
-def wait_finished(cfg: dict, proc: subprocess.Popen, n: int) -> None:
-    search_tests.wait_finished(cfg, proc, n, load_study=load)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -70,9 +65,9 @@ def test_postgres_study_survives_a_killed_driver(tmp_path, capsys, postgres_url,
     cfg = study_config(tmp_path, trials=30, storage=postgres_url, study="pg-kill")  # killed at 3: 27 to spare
     proc = start_driver(write_config(tmp_path, cfg))
     try:
-        wait_finished(cfg, proc, 3)
-        os.killpg(proc.pid, signal.SIGKILL)  # driver and its Ray, mid-study
-        proc.wait(30)
+        with frozen_after(cfg, proc, 3):  # no trial finishes meanwhile: the kill lands mid-study
+            os.killpg(proc.pid, signal.SIGKILL)  # driver and its Ray
+            proc.wait(30)
     finally:
         stop(proc)
     orphaned = len(load(cfg).get_trials(states=(TrialState.RUNNING,)))  # the dead driver's, still "running" (or none,
@@ -93,25 +88,34 @@ def test_postgres_study_survives_a_killed_driver(tmp_path, capsys, postgres_url,
 
 
 def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, capsys, postgres_url, ray_session):
-    # trials of ~0.5 s (16 prompts of 128 tokens): the 58 left outlast the gap between the two
-    # drivers' start-ups (each starts its own Ray: 3-6 s apart, more on a loaded machine)
-    cfg = study_config(tmp_path, trials=60, storage=postgres_url, study="pg-two", reconstruction_samples=16,
-                       calibration={"samples": 16, "seq_len": 128})
+    cfg = study_config(tmp_path, trials=30, storage=postgres_url, study="pg-two")
     path = write_config(tmp_path, cfg)
     # one driver sets the study up (schema, config, baselines); then two run it at once
     code, _, err = run_cli(["launch", str(path), "--trials", "2", "--quiet"], capsys)
     assert code == 0, err
-    drivers = [start_driver(path), start_driver(path)]
+    db = StudyDb(postgres_url, "pg-two")
+    first = start_driver(path)
+    drivers = [first]
     try:
+        # the first driver is held at its next write to one of its running trials (a row lock) until
+        # the second has started and finished a trial of its own: both surely work, on any machine
+        with db.holding_a_trial_of(driver_name(first), first) as held:
+            drivers.append(start_driver(path))
+            wait_for(lambda: db.count(attr=("driver", driver_name(drivers[1]))) >= 1, drivers[1],
+                     "a finished trial of the second driver")
         for proc in drivers:
             assert proc.wait(300) == 0, proc.stderr.read().decode()[-2000:]
     finally:
         for proc in drivers:
             stop(proc)
+        db.close()
     study = load(cfg)
-    assert_exact_and_retried(study, 60)
+    assert_exact_and_retried(study, 30)
     by_driver = Counter(t.user_attrs.get("driver") for t in study.get_trials(states=FINISHED))
     assert len(by_driver) == 3, by_driver  # the set-up run and both drivers did work
+    assert study.trials[held].state in FINISHED and study.trials[held].user_attrs["driver"] == driver_name(first)
+    seconds = [t.datetime_complete for t in study.get_trials(states=FINISHED) if t.user_attrs["driver"] == driver_name(drivers[1])]
+    assert study.trials[held].datetime_complete > min(seconds)  # the hold held: the second worked while the first waited
     params = [tuple(sorted(t.params.items())) for t in study.get_trials(states=FINISHED)]
     assert len(params) == len(set(params))  # and none of it twice
     assert [t.user_attrs.get("baseline") for t in study.trials].count("owl") == 1
@@ -121,10 +125,10 @@ def test_a_killed_evaluator_is_replaced_and_its_trial_rerun(tmp_path):
     cfg = study_config(tmp_path, trials=30, study="worker-kill")  # killed at 2: 28 to spare
     proc = start_driver(write_config(tmp_path, cfg))
     try:
-        wait_finished(cfg, proc, 2)
-        actors = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EvaluatorActor" in cmdline(p)]
-        assert actors, "no evaluator actor process found"
-        actors[0].kill()  # SIGKILL, mid-trial or between trials
+        with frozen_after(cfg, proc, 2):  # the study cannot finish before the kill
+            actors = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EvaluatorActor" in cmdline(p)]
+            assert actors, "no evaluator actor process found"
+            actors[0].kill()  # SIGKILL, mid-trial or between trials: its next trial is lost either way
         assert proc.wait(300) == 0, proc.stderr.read().decode()[-2000:]
     finally:
         stop(proc)

@@ -5,13 +5,12 @@ the requested trials, the lost one run again on the surviving node."""
 from __future__ import annotations
 
 import threading
-import time
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from test_search import study_config
+from test_search import StudyDb, study_config, wait_for
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"  # Ray rewrites 127.0.0.1, and a second node on it hangs
@@ -33,33 +32,39 @@ def cluster():
 def test_a_study_survives_losing_a_node(tmp_path, cluster):
     from prunesearch.config import StudyConfig
     from prunesearch.search.driver import run_study
-    from prunesearch.search.storage import open_storage
 
     c, node = cluster
-    data = study_config(tmp_path, trials=60, study="two-nodes")  # the node dies well before the end
+    data = study_config(tmp_path, trials=30, study="two-nodes")  # the node dies at about 4: many to spare
     data["workers"] = {"count": 2, "num_cpus": 1, "address": c.address}
     cfg = StudyConfig.model_validate(data)
 
+    db, killed, ended, errors = StudyDb(data["storage"], "two-nodes"), threading.Event(), threading.Event(), []
+
+    def ready_to_kill() -> bool:
+        assert not ended.is_set(), "the study ended before the node was killed"
+        return db.count() >= 4 and db.count(attr=("worker", f'"{NODE_IP}:%'), like=True) >= 1
+
     def kill_second_node():
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                storage = open_storage(data["storage"], create=False)  # the driver creates the schema
-                study = optuna.load_study(study_name="two-nodes", storage=storage)
-                done = study.get_trials(deepcopy=False, states=FINISHED)
-                if len(done) >= 4 and any(t.user_attrs.get("worker", "").startswith(NODE_IP) for t in done):
-                    break
-            except Exception:
-                pass
-            time.sleep(0.2)
-        c.remove_node(node, allow_graceful=False)  # the node vanishes with its running trial
+        try:
+            wait_for(ready_to_kill, None, "4 finished trials, one of them on the second node")
+            with db.frozen() as conn:  # nothing finishes meanwhile: the node dies mid-study, on any machine
+                assert db.count(conn=conn) < 30
+                c.remove_node(node, allow_graceful=False)  # the node vanishes with its actor (and its trial)
+            killed.set()
+        except BaseException as exc:  # seen by the test, not lost in the thread
+            errors.append(exc)
 
     killer = threading.Thread(target=kill_second_node, daemon=True)
     killer.start()
-    summary = run_study(cfg, progress=False)
-    killer.join(timeout=30)
+    try:
+        summary = run_study(cfg, progress=False)
+    finally:
+        ended.set()
+        killer.join(timeout=60)
+        db.close()
+    assert not errors and killed.is_set(), errors
     study = optuna.load_study(study_name="two-nodes", storage=data["storage"])
-    assert summary.finished == len(study.get_trials(states=FINISHED)) == 60
+    assert summary.finished == len(study.get_trials(states=FINISHED)) == 30
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     nodes = {t.user_attrs["worker"].split(":")[0] for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert nodes == {HEAD_IP, NODE_IP}  # the study ran across both nodes

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -21,7 +20,7 @@ from prunesearch.models import load_model, prunable_linears
 from prunesearch.pruning.masks import NM, prune_mask, score_ranks, count_pruned
 from prunesearch.pruning.meta_metric import RIA_LIKE_POINT, WANDA_POINT, meta_spec
 from prunesearch.spaces import ModelLayout, make_space
-from test_search import study_config, write_config
+from test_search import frozen_after, study_config, write_config
 
 POP, TRIALS = 6, 22  # generations of 6, 6, 6 and a truncated 4: killed at 8, 14 left to spare
 
@@ -119,22 +118,15 @@ def test_bad_nsga3_configs_are_one_line_errors(tmp_path, capsys, patch, message)
 
 
 def _launch_and_kill(cfg: dict, path, finished: int) -> None:
-    """`prunesearch launch` in its own session, SIGKILLed (with its Ray) once ``finished`` trials are in."""
+    """`prunesearch launch` in its own session, SIGKILLed (with its Ray) once ``finished`` trials are in,
+    while the study is held still (so the kill lands mid-study however loaded the machine)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-m", "prunesearch", "launch", str(path), "--quiet"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            try:
-                if len(load(cfg).get_trials(states=(TrialState.COMPLETE,))) >= finished:
-                    break
-            except Exception:  # the study may not exist yet
-                continue
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        with frozen_after(cfg, proc, finished, states=("COMPLETE",)):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
