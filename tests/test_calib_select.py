@@ -183,4 +183,4 @@ def test_prune_cli_selects_hard_calibration_sequences(tmp_path, capsys, tiny_dir
     sel = json.loads((tmp_path / "p" / "prune_report.json").read_text())["calibration"]["selection"]
     assert sel["mode"] == "hard" and sel["pool"] == 24 and len(sel["indices"]) == 6
     code, _, err = run_cli(["prune", "--model", tiny_dirs["llama"], "--calibration-select", "hardest", "--quiet"], capsys)
-    assert code == 2 and "calibration.select" in err and "Traceback" not in err
+    assert code == 2 and "--calibration-select 'hardest'" in err and "Traceback" not in err

@@ -51,7 +51,7 @@ def test_all_2401_points_are_finite_even_with_zero_rows_and_columns():
 
 def test_bad_meta_points_are_user_errors():
     st = stats_of(torch.ones(1, 2, 4))
-    with pytest.raises(UserError, match="unknown meta transform 'cube'"):
+    with pytest.raises(UserError, match="metric 'meta': op_w='cube': input should be 'identity', 'sqrt'"):
         metrics.score("meta:op_w=cube", torch.ones(2, 4), st)
-    with pytest.raises(UserError, match="unknown meta coefficient"):
+    with pytest.raises(UserError, match="coef_x='median': input should be 'one', 'row'"):
         metrics.score("meta:coef_x=median", torch.ones(2, 4), st)
