@@ -94,8 +94,8 @@ def test_stale_ray_state_does_not_break_launch_and_sigterm_leaves_it_resumable(t
         assert proc.poll() is None, proc.communicate()[1]
         proc.send_signal(signal.SIGTERM)
         t0 = time.time()
-        _out, err = proc.communicate(timeout=60)
-        assert time.time() - t0 < 30, "SIGTERM did not stop the launch promptly"
+        _out, err = proc.communicate(timeout=120)
+        assert time.time() - t0 < 60, "SIGTERM did not stop the launch promptly"  # ~2 s on a quiet machine
         assert proc.returncode == 130, err
         assert "Token authentication" not in err and "[I " not in err and "Traceback" not in err, err
         assert "Ray started in-process" in err and "checked config" in err and "evaluator ready" in err, err
