@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prunesearch.errors import UserError
+from prunesearch.search import attrs
 
 app = typer.Typer(
     help="Search the best way to prune an LLM: pruning metric, per-layer sparsity and KV-cache bits.",
@@ -300,7 +301,7 @@ def status(
             best = "-"
             if len(st.directions) == 1 and any(t.state.name == "COMPLETE" for t in finished):
                 best = f"{st.best_value:.6g}"
-            table.add_row(s.study_name, str(s.n_trials), str(len(finished)), ", ".join(st.user_attrs.get("objectives", [])), best)
+            table.add_row(s.study_name, str(s.n_trials), str(len(finished)), ", ".join(attrs.objective_names(st, placeholders=False)), best)
         if not table.rows:
             out.print(f"no studies in {mask_url(storage)} yet: `prunesearch launch CONFIG` starts one", highlight=False)
             return
@@ -315,7 +316,7 @@ def status(
 def _print_study(st, limit: int, out: Console) -> None:
     from optuna.trial import TrialState
 
-    names = st.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(st.directions))]
+    names = attrs.objective_names(st)
     trials = st.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     if not trials:
@@ -335,26 +336,26 @@ def _print_study(st, limit: int, out: Console) -> None:
     table.add_column("sparsity", justify="right")
     table.add_column("note")
     # the best `limit`, and the baselines wherever they rank: they are what the user compares with
-    shown = complete[:limit] + [t for t in complete[limit:] if "baseline" in t.user_attrs]
+    shown = complete[:limit] + [t for t in complete[limit:] if attrs.BASELINE in t.user_attrs]
     for t in shown:
         mark = "*" if (len(names) > 1 and t.number in front) else ""
         note = _trial_note(t)
         table.add_row(f"{t.number}{mark}", *[f"{v:.6g}" for v in t.values],
-                      f"{t.user_attrs.get('achieved_sparsity', float('nan')):.4f}", note)
+                      f"{t.user_attrs.get(attrs.ACHIEVED, float('nan')):.4f}", note)
     out.print(table)
 
 
 def _trial_note(t) -> str:
     """baseline name, NSGA-III generation, blocks removed (k=2: 17,5) and the trial's own metric, where there are any."""
     a, parts = t.user_attrs, []
-    if "baseline" in a:
-        parts.append(f"baseline {a['baseline']}")
-    if "removed_blocks" in a:
-        removed = a["removed_blocks"]
+    if attrs.BASELINE in a:
+        parts.append(f"baseline {a[attrs.BASELINE]}")
+    if attrs.REMOVED_BLOCKS in a:
+        removed = a[attrs.REMOVED_BLOCKS]
         parts.append(f"k={len(removed)}" + (f": {','.join(map(str, removed))}" if removed else ""))
-    if "generation" in a:
-        parts.append(f"g{a['generation']}")
-    metric = a.get("metric", "")
+    if attrs.GENERATION in a:
+        parts.append(f"g{a[attrs.GENERATION]}")
+    metric = a.get(attrs.METRIC, "")
     if metric.startswith("meta:"):  # coef·op of the weights | of the activations
         v = [kv.split("=", 1)[1] for kv in metric[5:].split(",")]
         parts.append(f"{v[0]}·{v[1]}|{v[2]}·{v[3]}")
@@ -389,13 +390,13 @@ def export(
     exported = validate(PruneConfig, data, "exported config")  # never write what prune would refuse
     if apply is not None:
         check_prune(exported, apply, overwrite)  # before anything is written
-    names = st.user_attrs.get("objectives", [])
+    names = attrs.objective_names(st, placeholders=False)
     values = ", ".join(f"{n} {v:.6g}" for n, v in zip(names, trial.values))
     header = f"# prunesearch export: study {study}, trial {trial.number} ({values})\n# apply: prunesearch prune --config {out.name} --out DIR"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_yaml(out, data, header)
-    info = st.user_attrs.get("model_info", {})
-    if trial.user_attrs.get("removed_blocks") or cfg.pruning.remove_layers:
+    info = st.user_attrs.get(attrs.MODEL_INFO, {})
+    if trial.user_attrs.get(attrs.REMOVED_BLOCKS) or cfg.pruning.remove_layers:
         # llm-compressor has no block removal: its recipe would prune the wrong (full model's) blocks
         Console().print(f"trial {trial.number} ({values}) -> {out} (no llm-compressor recipe: the trial removes "
                         "decoder blocks, which a recipe cannot express)", highlight=False)

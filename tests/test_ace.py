@@ -109,7 +109,7 @@ def test_a_study_worker_scores_with_cosp_and_caches_its_statistic(monkeypatch, m
     monkeypatch.setattr(evaluator_module, "collect_stats", lambda *a, **k: pytest.fail("calibration ran again"))
     again = Evaluator(cfg)  # from the dense cache, cosine statistic included
     second = again.evaluate(Candidate(ratios=[0.5, 0.7]))
-    assert second["values"] == pytest.approx(first["values"])
+    assert second.values == pytest.approx(first.values)
     assert all(torch.equal(l.weight == 0, masks[l.name]) for l in again.linears)
 
 

@@ -58,26 +58,26 @@ def test_the_dense_side_is_computed_once_and_reused(ev, monkeypatch):
 def test_a_pruner_can_stop_a_trial_between_batches(ev):
     seen = []
     res = ev.evaluate(Candidate(ratios=[0.6, 0.6]), on_batch=lambda step, value: seen.append((step, value)) or step == 1)
-    assert res["pruned"] and [s for s, _ in seen] == [0, 1]
+    assert res.pruned and [s for s, _ in seen] == [0, 1]
     full = ev.evaluate(Candidate(ratios=[0.6, 0.6]))
-    assert not full["pruned"] and seen[0][1] > 0
+    assert not full.pruned and seen[0][1] > 0
     # the running value is scaled to the whole prompt set: the last step equals the final value
     steps = []
     ev.evaluate(Candidate(ratios=[0.6, 0.6]), on_batch=lambda step, value: steps.append(value) and False)
-    assert steps[-1] == pytest.approx(full["named"]["frobenius"])
+    assert steps[-1] == pytest.approx(full.named["frobenius"])
 
 
 def test_kv_bits_change_the_error_and_the_bytes(ev):
-    dense_kv = ev.evaluate(Candidate(ratios=[0.6, 0.6], kv_bits=[16, 16]))["named"]
-    low_kv = ev.evaluate(Candidate(ratios=[0.6, 0.6], kv_bits=[4, 8]))["named"]
+    dense_kv = ev.evaluate(Candidate(ratios=[0.6, 0.6], kv_bits=[16, 16])).named
+    low_kv = ev.evaluate(Candidate(ratios=[0.6, 0.6], kv_bits=[4, 8])).named
     assert low_kv["kv_bytes"] < dense_kv["kv_bytes"] == 2 * 2 * 3 * 64 * 2
     assert low_kv["frobenius"] != dense_kv["frobenius"] and low_kv["kl"] > 0
 
 
 def test_owl_candidates_are_resolved_on_the_worker(ev):
     res = ev.evaluate(Candidate(allocation={"name": "owl", "params": {"M": 3.0, "lam": 0.1}}))
-    assert len(res["ratios"]) == 2 and sum(res["ratios"]) / 2 == pytest.approx(0.6)
-    assert res["achieved"] == pytest.approx(0.6, abs=0.01)
+    assert len(res.ratios) == 2 and sum(res.ratios) / 2 == pytest.approx(0.6)
+    assert res.achieved == pytest.approx(0.6, abs=0.01)
 
 
 def test_the_dense_cache_follows_the_text_not_just_its_name(tmp_path):
@@ -105,8 +105,8 @@ def test_a_study_candidate_prunes_round_s_n_weights_exactly(ev):
     for cand in (Candidate(ratios=[0.45, 0.75]), Candidate(allocation={"name": "owl", "params": {"M": 3.0, "lam": 0.1}})):
         res = ev.evaluate(cand)
         zeros = sum(int((l.weight == 0).sum()) for l in ev.linears)
-        assert round(res["achieved"] * n) == zeros == round(0.6 * n)
-        assert res["achieved"] == round(0.6 * n) / n
+        assert round(res.achieved * n) == zeros == round(0.6 * n)
+        assert res.achieved == round(0.6 * n) / n
 
 
 # ---------------------------------------------------------------- export --apply reuses the workers' dense side
@@ -126,7 +126,7 @@ def test_an_exported_trial_reuses_the_workers_cached_dense_side(tmp_path, monkey
     cfg = small_config()
     worker = Evaluator(cfg)
     assert not worker.dense_cached and len(list((tmp_path / "dense").glob("*.pt"))) == 1
-    value = worker.evaluate(Candidate(ratios=[0.45, 0.75]))["named"]
+    value = worker.evaluate(Candidate(ratios=[0.45, 0.75])).named
     trial = optuna.trial.create_trial(value=value["frobenius"], user_attrs={"ratios": [0.45, 0.75]})
     data = prune_config(cfg, trial) | {"evaluation": None}
     assert data["pruning"]["mode"] == "one_shot"

@@ -161,7 +161,7 @@ def test_a_surplus_trial_leaves_only_queued_work_behind_and_a_full_study_retires
     """The race two drivers run at a study's end, played in order: a fresh surplus trial leaves
     nothing queued; a popped retry goes back to the queue as it was; once the target is held,
     queued retries are retired, so nothing is left waiting."""
-    from prunesearch.search.dispatch import RETRY_ATTR
+    from prunesearch.search.attrs import RETRY_OF
     from prunesearch.search.driver import _retire_queued_retries, _surplus
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="race")
@@ -176,20 +176,20 @@ def test_a_surplus_trial_leaves_only_queued_work_behind_and_a_full_study_retires
     assert not study.get_trials(states=(TrialState.WAITING,))
     assert study.trials[fresh.number].user_attrs["surplus"] and not study.trials[fresh.number].params
 
-    study.enqueue_trial({"x": 0.7}, user_attrs={RETRY_ATTR: 1})
+    study.enqueue_trial({"x": 0.7}, user_attrs={RETRY_OF: 1})
     popped = study.ask()
     assert _surplus(study, popped, target)
     (queued,) = study.get_trials(states=(TrialState.WAITING,))
-    assert queued.system_attrs["fixed_params"] == {"x": 0.7} and queued.user_attrs == {RETRY_ATTR: 1}
+    assert queued.system_attrs["fixed_params"] == {"x": 0.7} and queued.user_attrs == {RETRY_OF: 1}
 
     assert _retire_queued_retries(study, target + 5) == 0  # nor is it retired while the target is not held
     assert _retire_queued_retries(study, target) == 1
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
-    assert study.trials[queued.number].user_attrs == {RETRY_ATTR: 1, "surplus": True}
+    assert study.trials[queued.number].user_attrs == {RETRY_OF: 1, "surplus": True}
 
     # one short of a larger target, a retry queued just before another driver's fresh trial: the
     # queued one will run (ask pops the oldest first), so the fresh one is surplus, else 4 of 3
-    study.enqueue_trial({"x": 0.3}, user_attrs={RETRY_ATTR: 0})
+    study.enqueue_trial({"x": 0.3}, user_attrs={RETRY_OF: 0})
     fresh = optuna.Trial(study, study._storage.create_new_trial(study._study_id))
     assert _surplus(study, fresh, target + 1)
     retry = study.ask()

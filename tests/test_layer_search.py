@@ -114,30 +114,30 @@ def test_evaluator_meets_the_full_models_budget_for_every_k_and_switches_exactly
     raw = [0.3, 0.5, 0.7]
     first = ev.evaluate(Candidate(ratios=raw, removed=0))
     masked_k0, idx_k0 = weights(ev.model), layer_indices(ev.model)
-    assert first["removed_blocks"] == [] and first["achieved"] == pytest.approx(0.5, abs=0.01)
-    assert first["kept_sparsity"] == pytest.approx(0.5)
+    assert first.removed_blocks == [] and first.achieved == pytest.approx(0.5, abs=0.01)
+    assert first.kept_sparsity == pytest.approx(0.5)
 
     one = ev.evaluate(Candidate(ratios=raw, removed=1))
     gone = ev.searched.removal.removed[0]
-    assert one["removed_blocks"] == [gone] and len(decoder_blocks(ev.model)) == 2
-    assert one["achieved"] == pytest.approx(0.5, abs=0.01)  # the removed block counts as pruned
-    assert one["kept_sparsity"] == pytest.approx((0.5 * 3 - 1) / 2)  # SmolLM2's blocks are all the same size
+    assert one.removed_blocks == [gone] and len(decoder_blocks(ev.model)) == 2
+    assert one.achieved == pytest.approx(0.5, abs=0.01)  # the removed block counts as pruned
+    assert one.kept_sparsity == pytest.approx((0.5 * 3 - 1) / 2)  # SmolLM2's blocks are all the same size
     sizes = [s for b, s in enumerate(ev.layout.unit_sizes(False)) if b != gone]
-    assert weighted_mean(one["ratios"], sizes) == pytest.approx(one["kept_sparsity"])
-    assert one["named"]["frobenius"] != first["named"]["frobenius"]
+    assert weighted_mean(one.ratios, sizes) == pytest.approx(one.kept_sparsity)
+    assert one.named["frobenius"] != first.named["frobenius"]
 
     back = ev.evaluate(Candidate(ratios=raw, removed=0))  # nothing of k=1 leaks into k=0
-    assert back["named"] == first["named"] and back["ratios"] == first["ratios"]
+    assert back.named == first.named and back.ratios == first.ratios
     assert_same_weights(weights(ev.model), masked_k0)
     m = ev.model
     assert m.config.num_hidden_layers == 3 and layer_indices(m) == idx_k0 and set(idx_k0) == {0, 1, 2}
     assert m.lm_head.weight is m.model.embed_tokens.weight and m.config.tie_word_embeddings
     again = ev.evaluate(Candidate(ratios=raw, removed=1))
-    assert again["named"] == one["named"] and "switch_s" in again["timings"]
+    assert again.named == one.named and "switch_s" in again.timings
 
     owl = ev.evaluate(Candidate(allocation={"name": "owl", "params": {"M": 3.0, "lam": 0.1}}, removed=1))
-    assert len(owl["ratios"]) == 2 and weighted_mean(owl["ratios"], sizes) == pytest.approx(one["kept_sparsity"])
-    assert owl["achieved"] == pytest.approx(0.5, abs=0.01)
+    assert len(owl.ratios) == 2 and weighted_mean(owl.ratios, sizes) == pytest.approx(one.kept_sparsity)
+    assert owl.achieved == pytest.approx(0.5, abs=0.01)
     assert ev.resolve({"name": "uniform"}) == [0.5] * 3 and ev.k == 0  # baselines resolve on the full model
 
 
@@ -149,13 +149,13 @@ def test_kv_bits_are_chosen_per_original_block_and_removed_blocks_keep_no_cache(
     bits = [16, 8, 4]
     full = ev.evaluate(Candidate(ratios=[0.5] * 3, removed=0, kv_bits=bits))
     one = ev.evaluate(Candidate(ratios=[0.5] * 3, removed=1, kv_bits=bits))
-    gone = one["removed_blocks"][0]
+    gone = one.removed_blocks[0]
     assert ev.kv_settings(Candidate(ratios=[0.5] * 3, kv_bits=bits)).bits == [b for i, b in enumerate(bits) if i != gone]
     # SmolLM2's layers have the same KV width: a layer at the removed block's bits costs a third of three
     same = ev.evaluate(Candidate(ratios=[0.5] * 3, removed=0, kv_bits=[bits[gone]] * 3))
-    assert one["named"]["kv_bytes"] == pytest.approx(full["named"]["kv_bytes"] - same["named"]["kv_bytes"] / 3)
+    assert one.named["kv_bytes"] == pytest.approx(full.named["kv_bytes"] - same.named["kv_bytes"] / 3)
     back = ev.evaluate(Candidate(ratios=[0.5] * 3, removed=0, kv_bits=bits))
-    assert back["named"] == full["named"]
+    assert back.named == full.named
 
 
 # ---------------------------------------------------------------- spaces and configs

@@ -366,9 +366,10 @@ class _OnePool:
         @ray.remote(num_cpus=0)
         class Sleeper:
             def evaluate(self, trial_id, cand):
+                from prunesearch.workers.result import TrialResult
+
                 time.sleep(cand["sleep"])
-                return {"worker": "sleeper", "ratios": [0.5], "achieved": 0.5, "pruned": False, "metric": "wanda",
-                        "named": {"frobenius": 1.0}, "timings": {}, "values": [1.0]}
+                return TrialResult([0.5], 0.5, values=[1.0], named={"frobenius": 1.0}, metric="wanda", worker="sleeper")
 
         self.idle = [Sleeper.remote()]
         self.lost_actors = []

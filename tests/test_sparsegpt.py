@@ -70,7 +70,7 @@ def test_a_study_worker_runs_sparsegpt_per_trial_as_prune_does(monkeypatch):
     ev = Evaluator(cfg)
     low = ev.evaluate(Candidate(ratios=[0.6, 0.6]))
     res = ev.evaluate(Candidate(ratios=[0.5, 0.7]))  # a second trial starts from the dense weights again
-    assert res["achieved"] == pytest.approx(0.6, abs=0.01) and res["values"] != low["values"]
+    assert res.achieved == pytest.approx(0.6, abs=0.01) and res.values != low.values
     solved = {l.name: l.weight.clone() for l in ev.linears}
 
     lm = load_model("default", device="cpu", max_layers=2)
@@ -82,7 +82,7 @@ def test_a_study_worker_runs_sparsegpt_per_trial_as_prune_does(monkeypatch):
 
     monkeypatch.setattr(evaluator_module, "collect_stats", lambda *a, **k: pytest.fail("calibration ran again"))
     again = Evaluator(cfg)  # X^T X comes back from the dense cache
-    assert again.evaluate(Candidate(ratios=[0.5, 0.7]))["values"] == pytest.approx(res["values"], rel=1e-5)
+    assert again.evaluate(Candidate(ratios=[0.5, 0.7])).values == pytest.approx(res.values, rel=1e-5)
 
 
 def test_layers_reading_one_input_share_one_hessian_factor():

@@ -31,8 +31,10 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
+from prunesearch.search import attrs
+from prunesearch.workers.result import TrialResult
+
 log = logging.getLogger(__name__)
-RETRY_ATTR = "retry_of"
 DRIVER = f"{socket.gethostname()}:{os.getpid()}"
 # this driver beats for its ask/tell trials itself, which Optuna (expecting optimize()) warns about
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used", category=UserWarning)
@@ -88,7 +90,7 @@ class Heartbeats:
 def requeue(study: optuna.Study, trial) -> None:
     """Run a lost trial's parameters again, as a new trial that names the one it replaces."""
     if trial.params:
-        study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number}, skip_if_exists=False)
+        study.enqueue_trial(trial.params, user_attrs={attrs.RETRY_OF: trial.number}, skip_if_exists=False)
 
 
 def fail_stale(study: optuna.Study, grace_s: float, on_stale: Callable | None, mine: set[int]) -> int:
@@ -162,7 +164,7 @@ class Dispatcher:
 
     def submit(self, trial: optuna.Trial, candidate: dict, tag: Any = None) -> None:
         actor = self.pool.idle.pop()
-        trial.set_user_attr("driver", DRIVER)
+        trial.set_user_attr(attrs.DRIVER, DRIVER)
         self.beats.add(trial._trial_id)
         self.in_flight[actor.evaluate.remote(trial._trial_id, candidate)] = (trial, actor, tag)
 
@@ -201,7 +203,7 @@ class Dispatcher:
             state = "interrupted"
             try:
                 with self._unless_taken(trial):
-                    trial.set_user_attr("interrupted", True)
+                    trial.set_user_attr(attrs.INTERRUPTED, True)
                     self.study.tell(trial, state=TrialState.FAIL)
             except _Taken:
                 state = "stale"  # whoever failed it re-queued it
@@ -242,26 +244,18 @@ class Dispatcher:
                         "is dropped; a retry of it was queued when it was failed", trial.number)
             return Outcome(trial, tag, "stale", dead_worker=dead)
 
-    def _record(self, trial: optuna.Trial, result: dict | None, error: Exception | None, dead: bool, tag) -> Outcome:
+    def _record(self, trial: optuna.Trial, result: TrialResult | None, error: Exception | None, dead: bool, tag) -> Outcome:
         study = self.study
         if error is not None:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             log.log(logging.WARNING if dead else logging.ERROR, "trial %d %s: %s", trial.number,
                     "lost its worker" if dead else "failed", first)
-            trial.set_user_attr("worker_lost" if dead else "error", str(error)[:2000] if not dead else True)
+            trial.set_user_attr(attrs.WORKER_LOST if dead else attrs.ERROR, str(error)[:2000] if not dead else True)
             study.tell(trial, state=TrialState.FAIL)
             return Outcome(trial, tag, "lost" if dead else "failed")
-        trial.set_user_attr("worker", result.get("worker"))
-        trial.set_user_attr("ratios", result["ratios"])
-        trial.set_user_attr("achieved_sparsity", result["achieved"])
-        for name in ("removed_blocks", "kept_sparsity"):  # a searched block removal (space.remove_layers)
-            if name in result:
-                trial.set_user_attr(name, result[name])
-        if result["pruned"]:
+        attrs.record_result(trial, result)
+        if result.pruned:
             study.tell(trial, state=TrialState.PRUNED)
             return Outcome(trial, tag, "pruned")
-        trial.set_user_attr("metric", result["metric"])
-        trial.set_user_attr("objectives", result["named"])
-        trial.set_user_attr("timings", result["timings"])
-        study.tell(trial, result["values"])
-        return Outcome(trial, tag, "complete", result["values"])
+        study.tell(trial, result.values)
+        return Outcome(trial, tag, "complete", result.values)

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
-from prunesearch.search.dispatch import DRIVER, RETRY_ATTR, Dispatcher, fail_stale, requeue
+from prunesearch.search import attrs
+from prunesearch.search.dispatch import DRIVER, Dispatcher, fail_stale, requeue
 from prunesearch.search.storage import check_storage, claim_sqlite, mask_url, open_storage
 from prunesearch.search.study import create_or_check, make_sampler
 from prunesearch.spaces import ModelLayout, make_study_space
@@ -64,9 +65,9 @@ def enqueue_baselines(study: optuna.Study, cfg: StudyConfig, space, resolve) -> 
     names = []
     for name in cfg.search.baselines:
         params = space.encode({"name": name, "params": {}}, None, resolve)
-        study.enqueue_trial(params, user_attrs={"baseline": name})
+        study.enqueue_trial(params, user_attrs={attrs.BASELINE: name})
         names.append(name)
-    study.set_user_attr("baselines_enqueued", names)
+    study.set_user_attr(attrs.BASELINES_ENQUEUED, names)
     return names
 
 
@@ -92,7 +93,7 @@ def _surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
     fixed = study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
     if fixed:  # before failing it: a driver killed in between leaves a copy, not a lost baseline
         study.enqueue_trial(fixed, user_attrs=dict(trial.user_attrs), skip_if_exists=False)
-    trial.set_user_attr("surplus", True)
+    trial.set_user_attr(attrs.SURPLUS, True)
     study.tell(trial, state=TrialState.FAIL)
     return True
 
@@ -106,14 +107,14 @@ def _retire_queued_retries(study: optuna.Study, target: int) -> int:
         return 0
     storage, n = study._storage, 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if RETRY_ATTR not in t.user_attrs:
+        if attrs.RETRY_OF not in t.user_attrs:
             continue
         try:
             if not storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another driver retired or failed it meanwhile
-        storage.set_trial_user_attr(t._trial_id, "surplus", True)
+        storage.set_trial_user_attr(t._trial_id, attrs.SURPLUS, True)
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         n += 1
     return n
@@ -186,8 +187,8 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummar
         dispatcher = Dispatcher(study, pool, cfg.search.heartbeat_s)
         layout = ModelLayout.from_dict(pool.layout)
         space = make_study_space(cfg, layout)
-        if "model_info" not in study.user_attrs:
-            study.set_user_attr("model_info", {k: pool.info[0][k] for k in ("block_class", "linear_names", "layout")})
+        if attrs.MODEL_INFO not in study.user_attrs:
+            study.set_user_attr(attrs.MODEL_INFO, {k: pool.info[0][k] for k in ("block_class", "linear_names", "layout")})
         resolve = lambda alloc: ray.get(pool.actors[0].resolve.remote(alloc))  # noqa: E731
         with _progress(study, cfg, progress) as (ctrl_c, bar):
             if evolutionary:
@@ -197,7 +198,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummar
                 stopped_by = evolve(study, cfg, space, dispatcher, seeds, t0, ctrl_c, bar)
             else:
                 # the creator enqueues them (a second driver joining must not); or a resume, if it died first
-                if created or ("baselines_enqueued" not in study.user_attrs and not study.get_trials(deepcopy=False)):
+                if created or (attrs.BASELINES_ENQUEUED not in study.user_attrs and not study.get_trials(deepcopy=False)):
                     enqueue_baselines(study, cfg, space, resolve)
                 stopped_by = _optimize(study, cfg, space, dispatcher, t0, ctrl_c, bar, on_stale)
     finally:
@@ -302,7 +303,7 @@ def _optimize(study: optuna.Study, cfg: StudyConfig, space, dispatcher: Dispatch
                 continue  # whoever failed it as stale queued it again
             failures_in_a_row = failures_in_a_row + 1 if o.state == "failed" else 0
             if failures_in_a_row >= max_failures:
-                error = study.trials[o.trial.number].user_attrs.get("error", "").strip().splitlines()
+                error = study.trials[o.trial.number].user_attrs.get(attrs.ERROR, "").strip().splitlines()
                 raise UserError(f"{failures_in_a_row} trials failed in a row, stopping; the last said: "
                                 f"{error[0] if error else 'nothing'} (finished trials are saved)")
             new_best = _best(study)

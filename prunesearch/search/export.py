@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
+from prunesearch.search import attrs
 from prunesearch.spaces import Candidate, kept_bits
 
 
@@ -44,8 +45,8 @@ BUDGET_TOLERANCE = 0.002  # what ``best`` accepts as "on budget" when the budget
 
 def within(study: optuna.Study, complete: list[FrozenTrial], tol: float) -> FrozenTrial | None:
     """The trial with the best first objective among those within ``tol`` of the sparsity budget."""
-    target = study.user_attrs.get("config", {}).get("pruning", {}).get("sparsity")
-    ok = [t for t in complete if target is not None and abs(t.user_attrs.get("achieved_sparsity", math.inf) - target) <= tol]
+    target = study.user_attrs.get(attrs.CONFIG, {}).get("pruning", {}).get("sparsity")
+    ok = [t for t in complete if target is not None and abs(t.user_attrs.get(attrs.ACHIEVED, math.inf) - target) <= tol]
     if not ok:
         return None
     sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
@@ -83,7 +84,7 @@ def pick_trial(study: optuna.Study, pick: str) -> FrozenTrial:
     if text == "best":
         if len(study.directions) == 1:
             return study.best_trial
-        if "sparsity_deviation" in study.user_attrs.get("objectives", []):
+        if "sparsity_deviation" in attrs.objective_names(study, placeholders=False):
             found = within(study, complete, BUDGET_TOLERANCE)
             if found is not None:
                 return found
@@ -95,18 +96,18 @@ def pick_trial(study: optuna.Study, pick: str) -> FrozenTrial:
 
 def trial_candidate(cfg: StudyConfig, trial: FrozenTrial) -> Candidate:
     """The candidate as the worker evaluated it: ratios per unit from the trial record."""
-    ratios = trial.user_attrs.get("ratios")
+    ratios = trial.user_attrs.get(attrs.RATIOS)
     if ratios is None:
         raise UserError(f"trial {trial.number} holds no per-layer ratios (not evaluated by prunesearch)")
     kv = [int(trial.params[k]) for k in sorted(trial.params) if k.startswith("kv")] or None
     if kv and cfg.space.remove_layers:  # chosen per block of the full model: the removed ones keep no cache
-        kv = kept_bits(kv, trial.user_attrs.get("removed_blocks") or [])
-    return Candidate(ratios=ratios, split=cfg.space.split_attn_mlp, kv_bits=kv, metric=trial.user_attrs.get("metric"))
+        kv = kept_bits(kv, trial.user_attrs.get(attrs.REMOVED_BLOCKS) or [])
+    return Candidate(ratios=ratios, split=cfg.space.split_attn_mlp, kv_bits=kv, metric=trial.user_attrs.get(attrs.METRIC))
 
 
 def removed_count(cfg: StudyConfig, trial: FrozenTrial) -> int:
     """Blocks the trial removed: its own record when the study searched it, else the study's fixed number."""
-    removed = trial.user_attrs.get("removed_blocks")
+    removed = trial.user_attrs.get(attrs.REMOVED_BLOCKS)
     if removed is None and cfg.space.remove_layers:
         raise UserError(f"trial {trial.number} does not record which blocks it removed (not evaluated by prunesearch)")
     return cfg.pruning.remove_layers if removed is None else len(removed)
@@ -124,7 +125,7 @@ def prune_config(cfg: StudyConfig, trial: FrozenTrial) -> dict[str, Any]:
         "evaluation": cfg.evaluation.model_dump(mode="json") if cfg.evaluation else None,
         "pruning": {
             "metric": cand.metric or cfg.pruning.metric,
-            "sparsity": trial.user_attrs.get("kept_sparsity", cfg.pruning.sparsity),
+            "sparsity": trial.user_attrs.get(attrs.KEPT_SPARSITY, cfg.pruning.sparsity),
             "allocation": {"name": "explicit", "params": {"sparsities": sparsities}},
             "structure": cfg.pruning.structure,
             "group": cfg.pruning.group,
@@ -134,8 +135,8 @@ def prune_config(cfg: StudyConfig, trial: FrozenTrial) -> dict[str, Any]:
         },
         "reconstruction_samples": cfg.reconstruction_samples,
     }
-    if trial.user_attrs.get("removed_blocks"):  # pin them: prune must not measure another order
-        out["pruning"]["remove_blocks"] = list(trial.user_attrs["removed_blocks"])
+    if trial.user_attrs.get(attrs.REMOVED_BLOCKS):  # pin them: prune must not measure another order
+        out["pruning"]["remove_blocks"] = list(trial.user_attrs[attrs.REMOVED_BLOCKS])
     if cand.kv_bits:
         out["kv_cache"] = cfg.kv_cache.model_dump(mode="json") | {"bits": cand.kv_bits}
     return out

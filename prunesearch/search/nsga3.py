@@ -33,10 +33,10 @@ from pymoo.util.ref_dirs import get_reference_directions
 
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
+from prunesearch.search import attrs
 
 log = logging.getLogger(__name__)
 PENALTY = 1e30  # the objective values of an individual that failed twice (minimisation space)
-GENERATION, INDIVIDUAL, VECTOR, LAST_ATTEMPT = "generation", "individual", "x", "last_attempt"
 
 
 class FixedParamsSampler(BaseSampler):
@@ -110,27 +110,27 @@ def recorded(study: optuna.Study) -> dict[tuple[int, int], Recorded]:
     out: dict[tuple[int, int], Recorded] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         a = t.user_attrs
-        if GENERATION not in a:
+        if attrs.GENERATION not in a:
             continue
-        key = (a[GENERATION], a[INDIVIDUAL])
+        key = (a[attrs.GENERATION], a[attrs.INDIVIDUAL])
         if t.state == TrialState.COMPLETE:
-            out[key] = Recorded(a[VECTOR], minimised(study, t.values))
-        elif a.get(LAST_ATTEMPT) and "error" in a:  # failed twice by its own error (not lost, killed or interrupted)
-            out.setdefault(key, Recorded(a[VECTOR], np.full(len(study.directions), PENALTY)))
+            out[key] = Recorded(a[attrs.VECTOR], minimised(study, t.values))
+        elif a.get(attrs.LAST_ATTEMPT) and attrs.ERROR in a:  # failed twice by its own error (not lost, killed or interrupted)
+            out.setdefault(key, Recorded(a[attrs.VECTOR], np.full(len(study.directions), PENALTY)))
     return out
 
 
 def seed_vectors(study: optuna.Study, cfg: StudyConfig, space, resolve) -> list[tuple[str, list[int]]]:
     """The configured baselines as (name, gene vector), stored in the study so a resume seeds the same."""
-    if "seeds" not in study.user_attrs:
+    if attrs.SEEDS not in study.user_attrs:
         seeds: list[tuple[str, list[int]]] = []
         for name in cfg.search.baselines:
             v = space.vector_of(space.encode({"name": name, "params": {}}, None, resolve))
             if all(v != other for _, other in seeds):  # uniform is wanda when the study metric is
                 seeds.append((name, v))
-        study.set_user_attr("seeds", seeds)
-        study.set_user_attr("baselines_enqueued", list(cfg.search.baselines))
-    return [(name, list(v)) for name, v in study.user_attrs["seeds"]]
+        study.set_user_attr(attrs.SEEDS, seeds)
+        study.set_user_attr(attrs.BASELINES_ENQUEUED, list(cfg.search.baselines))
+    return [(name, list(v)) for name, v in study.user_attrs[attrs.SEEDS]]
 
 
 def evolve(study: optuna.Study, cfg: StudyConfig, space, dispatcher, seeds, t0: float, ctrl_c, bar) -> str:
@@ -187,12 +187,12 @@ def _evaluate(study, cfg, space, dispatcher, generation, X, missing, F, t0, ctrl
             sampler.next = space.params_of(X[i])
             trial = study.ask()
             cand = space.suggest(trial)
-            for key, value in ((GENERATION, generation), (INDIVIDUAL, i), (VECTOR, [int(v) for v in X[i]])):
+            for key, value in ((attrs.GENERATION, generation), (attrs.INDIVIDUAL, i), (attrs.VECTOR, [int(v) for v in X[i]])):
                 trial.set_user_attr(key, value)
             if attempts[i] > 0:
-                trial.set_user_attr(LAST_ATTEMPT, True)
+                trial.set_user_attr(attrs.LAST_ATTEMPT, True)
             if tuple(X[i]) in seed_names:
-                trial.set_user_attr("baseline", seed_names[tuple(X[i])])
+                trial.set_user_attr(attrs.BASELINE, seed_names[tuple(X[i])])
             dispatcher.submit(trial, cand.to_dict(), tag=i)
         if timed_out and not dispatcher.in_flight:
             break

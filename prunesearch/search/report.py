@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from prunesearch.search import attrs
 from prunesearch.search.export import pick_trial
 from prunesearch.spaces import kept_units
 
@@ -31,16 +32,16 @@ def _save(fig, path: Path) -> Path:
 
 def history_plot(study: optuna.Study, out: Path) -> Path:
     plt = _plt()
-    names = study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(study.directions))]
+    names = attrs.objective_names(study)
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 3.2 * len(names)), squeeze=False)
     for i, (ax, name) in enumerate(zip(axes[:, 0], names)):
         xs = [t.number for t in trials]
         ys = [t.values[i] for t in trials]
         ax.scatter(xs, ys, s=14, label="trial", color="tab:blue")
-        base = [t for t in trials if t.user_attrs.get("baseline")]
+        base = [t for t in trials if t.user_attrs.get(attrs.BASELINE)]
         for t in base:
-            ax.scatter([t.number], [t.values[i]], s=60, marker="*", label=f"baseline: {t.user_attrs['baseline']}")
+            ax.scatter([t.number], [t.values[i]], s=60, marker="*", label=f"baseline: {t.user_attrs[attrs.BASELINE]}")
         if len(names) == 1 and ys:
             better = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
             ax.plot(xs, list(itertools.accumulate(ys, better)), color="tab:red", label="best so far")
@@ -69,14 +70,14 @@ def sparsity_plot(study: optuna.Study, out: Path) -> Path | None:
     best = pick_trial(study, "best")
     lines = [("best (trial %d)" % best.number, best)]
     for t in complete:
-        name = t.user_attrs.get("baseline")
+        name = t.user_attrs.get(attrs.BASELINE)
         if name and all(name not in label for label, _ in lines):
             lines.append((name, t))
-    split = (study.user_attrs.get("config") or {}).get("space", {}).get("split_attn_mlp")
+    split = (study.user_attrs.get(attrs.CONFIG) or {}).get("space", {}).get("split_attn_mlp")
     fig, ax = plt.subplots(figsize=(9, 3.8))
     for label, t in lines:
-        ratios = t.user_attrs.get("ratios") or []
-        kept, gone = units_on_full_model(ratios, t.user_attrs.get("removed_blocks") or [], bool(split))
+        ratios = t.user_attrs.get(attrs.RATIOS) or []
+        kept, gone = units_on_full_model(ratios, t.user_attrs.get(attrs.REMOVED_BLOCKS) or [], bool(split))
         line, = ax.plot(kept, ratios, marker="o", ms=3, label=label + (f", {len(gone) // (2 if split else 1)} removed" if gone else ""))
         if gone:
             ax.plot(gone, [1.0] * len(gone), "x", color=line.get_color(), ms=7)
@@ -91,7 +92,7 @@ def pareto_plot(study: optuna.Study, out: Path) -> Path | None:
     if len(study.directions) < 2:
         return None
     plt = _plt()
-    names = study.user_attrs.get("objectives") or ["objective 0", "objective 1"]
+    names = attrs.objective_names(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     front = {t.number for t in study.best_trials}
     fig, ax = plt.subplots(figsize=(6.5, 5))

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from prunesearch.config import StudyConfig, validate
 from prunesearch.errors import UserError
 from prunesearch.objectives.registry import directions
+from prunesearch.search import attrs
 from prunesearch.search.storage import mask_url, open_storage
 
 
@@ -57,7 +58,7 @@ def create_or_check(cfg: StudyConfig, name: str, storage: optuna.storages.RDBSto
             pass  # another driver created it a moment ago: join it
     study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
     for _ in range(50):  # a driver that is creating it writes the config hash right after
-        stored = study.user_attrs.get("config_hash")
+        stored = study.user_attrs.get(attrs.CONFIG_HASH)
         if stored is not None:
             break
         time.sleep(0.2)
@@ -83,9 +84,9 @@ def _replaceable(study: optuna.Study) -> bool:
 def _create(cfg: StudyConfig, name: str, storage) -> optuna.Study:
     study = optuna.create_study(study_name=name, storage=storage, directions=directions(cfg.objectives),
                                 sampler=make_sampler(cfg), pruner=make_pruner(cfg))
-    study.set_user_attr("config", cfg.model_dump(mode="json", exclude={"storage"}))
-    study.set_user_attr("config_hash", cfg.study_hash())
-    study.set_user_attr("objectives", cfg.objectives)
+    study.set_user_attr(attrs.CONFIG, cfg.model_dump(mode="json", exclude={"storage"}))
+    study.set_user_attr(attrs.CONFIG_HASH, cfg.study_hash())
+    study.set_user_attr(attrs.OBJECTIVE_NAMES, cfg.objectives)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(cfg.objectives)  # optuna-dashboard shows them
@@ -99,7 +100,7 @@ def load_study_config(name: str, storage_url: str, *, readonly: bool = False) ->
     if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
         raise UserError(f"no study '{name}' in {mask_url(storage_url)}: `prunesearch status --storage URL` lists them")
     study = optuna.load_study(study_name=name, storage=storage)
-    stored = study.user_attrs.get("config")
+    stored = study.user_attrs.get(attrs.CONFIG)
     if stored is None:
         raise UserError(f"study '{name}' was not created by prunesearch (it holds no config)")
     cfg = validate(StudyConfig, {**stored, "storage": storage_url, "study": name}, f"study '{name}' config")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
+from prunesearch.workers.result import TrialResult
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,7 @@ class EvaluatorActor:
                 self._study = False
         return self._study or None
 
-    def evaluate(self, trial_id: int | None, candidate: dict) -> dict:
+    def evaluate(self, trial_id: int | None, candidate: dict) -> TrialResult:
         on_batch = None
         from prunesearch.search.study import prunes
 
@@ -67,7 +69,7 @@ class EvaluatorActor:
                 return trial.should_prune()
 
         result = self.evaluator.evaluate(candidate, on_batch)
-        result["worker"] = self.worker
+        result.worker = self.worker
         return result
 
     @property

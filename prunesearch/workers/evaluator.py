@@ -34,6 +34,7 @@ from prunesearch.spaces import Candidate, ModelLayout, block_to_units, kept_bits
 from prunesearch.spaces.spaces import SearchSpace
 from prunesearch.workers.dense_cache import (from_blob, load_dense, model_fingerprint, model_parts, save_dense, side_key,
                                              to_blob)
+from prunesearch.workers.result import TrialResult
 from prunesearch.workers.searched_removal import SearchedRemoval
 
 OnBatch = Callable[[int, float], bool]
@@ -175,7 +176,7 @@ class Evaluator:
         return self.cfg.kv_cache.model_copy(update={"bits": bits})
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, cand: Candidate | dict, on_batch: OnBatch | None = None) -> dict:
+    def evaluate(self, cand: Candidate | dict, on_batch: OnBatch | None = None) -> TrialResult:
         """Objective values of one candidate. ``on_batch(step, running primary value)`` may stop
         it early (returns True): the result then says ``pruned``."""
         cand = Candidate.from_dict(cand) if isinstance(cand, dict) else cand
@@ -194,7 +195,7 @@ class Evaluator:
                     hook = lambda step, running: on_batch(step, running[primary])  # noqa: E731
                 rec = reconstruction_error(self.model, self.ref, kl="kl" in names, on_batch=hook)
                 if rec is None:
-                    return {"pruned": True, "ratios": ratios, "achieved": achieved, **removal}
+                    return TrialResult(ratios, achieved, pruned=True, **removal)
                 values.update({n: rec[n] for n in names if n in rec})
             if "perplexity" in names:
                 values["perplexity"] = perplexity(self.model, self.held_out, self.cfg.evaluation.batch_size)
@@ -204,17 +205,11 @@ class Evaluator:
             values["sparsity_deviation"] = abs(achieved - self.cfg.pruning.sparsity)
         if "kv_bytes" in names:
             values["kv_bytes"] = kv_report(self.model, self.kv_settings(cand))["bytes_per_token"]
-        return {
-            "pruned": False,
-            "values": [values[n] for n in names],
-            "named": values,
-            "ratios": ratios,
-            "achieved": achieved,
-            "metric": cand.metric or self.cfg.pruning.metric,
-            "timings": {"mask_s": t_mask, "total_s": time.perf_counter() - t0,
-                        **({"switch_s": self.searched.switch_s} if self.k != k_before else {})},  # mask_s includes it
-            **removal,
-        }
+        return TrialResult(ratios, achieved, values=[values[n] for n in names], named=values,
+                           metric=cand.metric or self.cfg.pruning.metric,
+                           timings={"mask_s": t_mask, "total_s": time.perf_counter() - t0,
+                                    **({"switch_s": self.searched.switch_s} if self.k != k_before else {})},  # mask_s includes it
+                           **removal)
 
     def _removal_record(self) -> dict:
         """The blocks a trial's model lacks (original indices), so the export pins them: searched
