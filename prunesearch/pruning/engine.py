@@ -19,8 +19,8 @@ from prunesearch.models.families import PrunableLinear, decoder_blocks, linears_
 from prunesearch.models.forward import BlockInput, batches, capture_block_inputs, run_to_lm_head
 from prunesearch.pruning import metrics
 from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
-from prunesearch.pruning.budget import exact_counts, round_to_grid, weighted_mean
-from prunesearch.pruning.masks import NM, count_mask, parse_structure, prune_mask
+from prunesearch.pruning.budget import round_to_grid, weighted_mean
+from prunesearch.pruning.masks import NM, layer_counts, layer_mask, parse_structure
 from prunesearch.pruning.stats import ColumnStats, StatsCollector
 
 MODES = ("one_shot", "sequential")
@@ -150,17 +150,16 @@ class _LayerPruner:
         self.added_bias: list[str] = []
 
     @torch.no_grad()
-    def __call__(self, lin: PrunableLinear, sparsity: float, stats: ColumnStats | None, count: int | None = None) -> tuple[float, int]:
-        """Prune ``lin`` to ``sparsity`` (unstructured: exactly ``count`` weights when given);
-        returns the share of its weights now zero and the number the mask removed."""
+    def __call__(self, lin: PrunableLinear, count: int, stats: ColumnStats | None) -> tuple[float, int]:
+        """Prune exactly ``count`` weights of ``lin`` (``layer_counts``); returns the share of its
+        weights now zero and the number the mask removed."""
         W = lin.weight
         if metrics.is_solver(self.spec.metric):
-            from prunesearch.pruning.sparsegpt import sparsegpt_prune
+            from prunesearch.pruning.sparsegpt import solve
 
-            mask = sparsegpt_prune(W, stats.xtx, sparsity, self.nm, count=count, **metrics.METRICS.resolve(self.spec.metric)[1])
+            mask = solve(self.spec.metric, W, count, self.nm, stats.xtx)
             return (W == 0).float().mean().item(), int(mask.sum())
-        scores = metrics.score(self.spec.metric, W, stats)
-        mask = prune_mask(scores, sparsity, self.group, self.nm) if count is None else count_mask(scores, count, self.group)
+        mask = layer_mask(count, self.group, self.nm, scores=metrics.score(self.spec.metric, W, stats))
         if self.spec.bias_compensation:
             self._compensate(lin, mask, stats)
         W.masked_fill_(mask, 0)
@@ -234,12 +233,13 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
 
     pruner = _LayerPruner(spec, group, nm)
     records: list[LayerRecord] = []
-    counts = layer_counts(linears, ratios, nm)
+    counts = dict(zip((l.name for l in linears), layer_counts([ratio_of(ratios[l.block], l) for l in linears],
+                                                             [tuple(l.weight.shape) for l in linears], nm)))
 
     def prune_block(b: int, stats: dict[str, ColumnStats] | None) -> None:
         for lin in blocks[b]:
             target = ratio_of(ratios[b], lin)
-            achieved, pruned = pruner(lin, target, stats.get(lin.name) if stats else None, counts and counts[lin.name])
+            achieved, pruned = pruner(lin, counts[lin.name], stats.get(lin.name) if stats else None)
             records.append(LayerRecord(lin.name, b, lin.kind, lin.numel, target, achieved, pruned))
 
     t = time.perf_counter()
@@ -254,16 +254,6 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     timings["pruning"] = time.perf_counter() - t  # sequential mode: includes the block forwards
     timings["total"] = time.perf_counter() - t_start
     return PruneResult(records, ratios, stats_source, group, str(nm) if nm else "unstructured", timings, pruner.added_bias)
-
-
-def layer_counts(linears: list[PrunableLinear], block_ratios: list, nm: NM | None) -> dict[str, int] | None:
-    """Unstructured: the weights each layer prunes, summing to round(sum of ratio x size) exactly
-    (``exact_counts`` over the layers in model order, as a study's FastMasker splits them).
-    None for N:M, whose grid fixes every layer's count."""
-    if nm is not None:
-        return None
-    ratios = [ratio_of(block_ratios[lin.block], lin) for lin in linears]
-    return dict(zip((l.name for l in linears), exact_counts(ratios, [l.numel for l in linears])))
 
 
 def _dense_metrics(spec: PruneSpec, alloc_entry, alloc_params: dict) -> list[str]:

@@ -15,8 +15,7 @@ import torch
 
 from prunesearch.models.families import PrunableLinear
 from prunesearch.pruning import metrics
-from prunesearch.pruning.budget import exact_counts
-from prunesearch.pruning.masks import NM, count_mask, count_pruned, prune_mask, rank_mask, score_ranks
+from prunesearch.pruning.masks import NM, layer_counts, layer_mask, score_ranks
 from prunesearch.pruning.stats import ColumnStats
 
 
@@ -51,9 +50,8 @@ class FastMasker:
     @torch.no_grad()
     def apply(self, sparsity: dict[str, float], metric: str | None = None) -> int:
         """Prune each layer to its ratio (from the dense weights) under ``metric`` (default: the
-        ranked one); returns the number of weights masked. Unstructured: exactly
-        round(sum of ratio x size) over all layers (``exact_counts``), as ``prune`` does; N:M:
-        round(ratio x M) of every group of M."""
+        ranked one); returns the number of weights masked: each layer's ``layer_counts`` (as
+        ``prune`` does), masked by ``layer_mask`` or, for a solver metric, ``sparsegpt.solve``."""
         metric = metric or self.metric
         counts = self.counts(sparsity)
         if metrics.is_solver(metric):
@@ -61,37 +59,27 @@ class FastMasker:
         ranked = metric == self.metric
         masked = 0
         for lin in self.linears:
-            W, dense = lin.weight, self.dense[lin.name]
-            if self.nm is not None:
-                k = count_pruned(sparsity[lin.name], tuple(W.shape), self.group, self.nm)
-                count = k * W.shape[0] * (W.shape[1] // self.nm.m)
-            else:
-                count = counts[lin.name]
+            W, dense, count = lin.weight, self.dense[lin.name], counts[lin.name]
             if count <= 0:
                 W.copy_(dense)
                 continue
             if ranked:
-                mask = self.ranks[lin.name] <= k - 1 if self.nm is not None else rank_mask(self.ranks[lin.name], count, self.group)
+                mask = layer_mask(count, self.group, self.nm, ranks=self.ranks[lin.name])
             else:
-                scores = metrics.score(metric, dense, self._stats_of(lin))
-                mask = prune_mask(scores, sparsity[lin.name], self.group, self.nm) if self.nm is not None \
-                    else count_mask(scores, count, self.group)
+                mask = layer_mask(count, self.group, self.nm, scores=metrics.score(metric, dense, self._stats_of(lin)))
             torch.where(mask, self._zero, dense, out=W)  # one pass; copy_ + masked_fill_ is 20x slower on CPU
             masked += count
         return masked
 
-    def counts(self, sparsity: dict[str, float]) -> dict[str, int] | None:
-        """Weights each layer prunes, unstructured (None for N:M: its grid decides)."""
-        if self.nm is not None:
-            return None
-        return dict(zip((l.name for l in self.linears),
-                        exact_counts([sparsity[l.name] for l in self.linears], [l.numel for l in self.linears])))
+    def counts(self, sparsity: dict[str, float]) -> dict[str, int]:
+        """Weights each layer prunes (``layer_counts``, in model order)."""
+        return dict(zip((l.name for l in self.linears), layer_counts([sparsity[l.name] for l in self.linears],
+                                                                     [tuple(l.weight.shape) for l in self.linears], self.nm)))
 
-    def _solve(self, sparsity: dict[str, float], metric: str, counts: dict[str, int] | None) -> int:
-        from prunesearch.pruning.sparsegpt import sparsegpt_prune
+    def _solve(self, sparsity: dict[str, float], metric: str, counts: dict[str, int]) -> int:
+        from prunesearch.pruning.sparsegpt import solve, solver_params
 
-        params = dict(metrics.METRICS.resolve(metric)[1])
-        damp = params.pop("damp", 0.01)
+        damp = solver_params(metric)["damp"]
         masked = 0
         for lin in self.linears:
             W = lin.weight
@@ -103,8 +91,7 @@ class FastMasker:
                 raise ValueError(f"{metric} needs X^T X of {lin.name}: collect the statistics with want_xtx")
             if lin.name not in self.factors:
                 self.factors[lin.name] = self._factor_for(lin.name, st.xtx, damp, W.device)
-            masked += int(sparsegpt_prune(W, self.factors[lin.name], sparsity[lin.name], self.nm,
-                                          count=counts[lin.name] if counts else None, **params).sum())
+            masked += int(solve(metric, W, counts[lin.name], self.nm, self.factors[lin.name]).sum())
         return masked
 
     def _factor_for(self, name: str, xtx: torch.Tensor, damp: float, device: torch.device):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from prunesearch.errors import UserError
+from prunesearch.pruning.budget import exact_counts
 
 GROUPS = ("row", "layer")
 
@@ -111,19 +112,51 @@ def prune_mask(scores: torch.Tensor, sparsity: float, group: str = "row", nm: NM
 
     Unstructured: per row the lowest floor(s * d_in) go (Wanda's group), or per layer the lowest
     floor(s * numel). N:M: ``nm`` gives M; the number pruned per block of M is round(s * M).
-    Equal to ``score_ranks(...) < count_pruned(...)``, computed by selection rather than sorting.
+    Equal to ``score_ranks(...) < count_pruned(...)``, computed by selection rather than sorting
+    (``layer_mask`` of that many weights).
     """
-    d_out, d_in = scores.shape
-    k = count_pruned(sparsity, (d_out, d_in), group, nm)
+    k = count_pruned(sparsity, tuple(scores.shape), group, nm)
+    return layer_mask(k * _group_count(tuple(scores.shape), group, nm), group, nm, scores=scores)
+
+
+def _group_count(shape: tuple[int, int], group: str, nm: NM | None) -> int:
+    """How many comparison groups a (d_out, d_in) layer has: its rows, one, or its groups of M."""
+    d_out, d_in = shape
     if nm is not None:
         if d_in % nm.m:
             raise UserError(f"structure N:{nm.m} does not fit a layer with {d_in} input columns ({d_in} % {nm.m} != 0)")
+        return d_out * (d_in // nm.m)
+    if group not in GROUPS:
+        raise UserError(f"unknown comparison group '{group}': use {' or '.join(GROUPS)}")
+    return d_out if group == "row" else 1
+
+
+def layer_counts(ratios: list[float], shapes: list[tuple[int, int]], nm: NM | None = None) -> list[int]:
+    """Weights each layer prunes (ratios and (d_out, d_in) shapes in model order): the one budget
+    rule of ``prune`` and of every study trial, so an exported trial re-applies to its own masks.
+    Unstructured: ``exact_counts``, exactly round(sum of ratio x size) in all; N:M: round(ratio x
+    M) of every group of M (its grid decides)."""
+    if nm is None:
+        return exact_counts(ratios, [d_out * d_in for d_out, d_in in shapes])
+    return [count_pruned(r, s, nm=nm) * _group_count(s, "row", nm) for r, s in zip(ratios, shapes)]
+
+
+def layer_mask(count: int, group: str = "row", nm: NM | None = None, *, scores: torch.Tensor | None = None,
+               ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask (True = prune) of one layer that loses ``count`` weights (``layer_counts``): how
+    ``prune`` and every study trial mask a layer. From its (d_out, d_in) ``scores`` by selection,
+    or from their stored ``score_ranks`` by one comparison: the same mask. Unstructured:
+    ``count_mask`` / ``rank_mask``; N:M: the lowest count / (groups of M) of every group of M."""
+    if nm is not None:
+        shape = tuple((scores if ranks is None else ranks).shape)
+        k = count // _group_count(shape, group, nm)
+        if ranks is not None:
+            return ranks <= k - 1
+        d_out, d_in = shape
         return lowest_k_along_last(scores.reshape(d_out, d_in // nm.m, nm.m), k).reshape(d_out, d_in)
-    if group == "row":
-        return lowest_k_along_last(scores, k)
-    if group == "layer":
-        return lowest_k_along_last(scores.reshape(-1), k).reshape(d_out, d_in)
-    raise UserError(f"unknown comparison group '{group}': use {' or '.join(GROUPS)}")
+    if ranks is not None:
+        return rank_mask(ranks, count, group)
+    return count_mask(scores, count, group)
 
 
 def extra_rows(d_out: int, extra: int, device=None) -> torch.Tensor:

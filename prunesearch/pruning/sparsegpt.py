@@ -41,13 +41,34 @@ class HessianFactor:
         self.U = _upper_inverse_cholesky(H, damp)
 
 
+def solver_params(metric: str) -> dict:
+    """A solver metric spec's parameters, defaults included (blocksize, damp)."""
+    from prunesearch.pruning.metrics import METRICS
+
+    entry, given = METRICS.resolve(metric)
+    return {**entry.params(), **given}
+
+
 @torch.no_grad()
-def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor | HessianFactor, sparsity: float, nm: NM | None = None, *,
+def solve(metric: str, W: torch.Tensor, count: int, nm: NM | None, hessian: torch.Tensor | HessianFactor) -> torch.Tensor:
+    """The solver hook: what ``prune`` and a study trial both run for a solver metric (``metrics.
+    is_solver``) instead of scoring and masking. Prunes ``W`` in place, exactly ``count`` weights
+    (``masks.layer_counts``), by OBS updates with the spec's parameters; ``hessian`` is the layer's
+    X^T X, or the HessianFactor a study made of it once (with the spec's damp). Returns the mask."""
+    params = solver_params(metric)
+    damp = params.pop("damp")
+    factor = hessian if isinstance(hessian, HessianFactor) else HessianFactor(hessian, damp, W.device)
+    return sparsegpt_prune(W, factor, None, nm, count=count, **params)
+
+
+@torch.no_grad()
+def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor | HessianFactor, sparsity: float | None, nm: NM | None = None, *,
                     blocksize: int = 128, damp: float = 0.01, count: int | None = None) -> torch.Tensor:
     """Prune the (d_out, d_in) weight ``W`` in place; returns the boolean mask of pruned weights.
     ``xtx`` is the layer's X^T X, or its HessianFactor (then ``damp`` was applied there).
-    Unstructured, ``count`` (default floor(sparsity x numel)) weights go in all, shared between
-    the column blocks in proportion to their widths by largest remainder."""
+    ``count`` weights go in all (default from ``sparsity``: floor(sparsity x numel), N:M round(
+    sparsity x M) per group of M); unstructured, shared between the column blocks in proportion
+    to their widths by largest remainder."""
     d_out, d_in = W.shape
     if nm is None:
         from prunesearch.pruning.budget import exact_counts
@@ -55,6 +76,8 @@ def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor | HessianFactor, sparsity
         count = int(sparsity * W.numel() + 1e-9) if count is None else count
         widths = [min(blocksize, d_in - i) for i in range(0, d_in, blocksize)]
         per_block = iter(exact_counts([count / W.numel()] * len(widths), [d_out * w for w in widths]))
+    else:
+        per_group = round(sparsity * nm.m) if count is None else count // (d_out * (d_in // nm.m))
     factor = xtx if isinstance(xtx, HessianFactor) else HessianFactor(xtx, damp, W.device)
     U = factor.U.to(W.device)
     work = W.to(torch.float64).clone()
@@ -75,7 +98,7 @@ def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor | HessianFactor, sparsity
             w = block[:, i]
             if nm is not None and i % nm.m == 0:
                 group = block[:, i:i + nm.m].square() / diag[i:i + nm.m].square()
-                mask1[:, i:i + nm.m] = lowest_k_along_last(group, round(sparsity * nm.m))
+                mask1[:, i:i + nm.m] = lowest_k_along_last(group, per_group)
             q = torch.where(mask1[:, i], 0.0, w)
             err = (w - q) / U1[i, i]
             block[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
