@@ -2,6 +2,7 @@
 
 from prunesearch.objectives.lm import perplexity
 from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
-from prunesearch.objectives.registry import OBJECTIVES, directions, objective
+from prunesearch.objectives.registry import OBJECTIVES, ObjectiveInputs, directions, objective, reconstruction_pass
 
-__all__ = ["OBJECTIVES", "DenseReference", "directions", "objective", "perplexity", "reconstruction_error"]
+__all__ = ["OBJECTIVES", "DenseReference", "ObjectiveInputs", "directions", "objective", "perplexity", "reconstruction_error",
+           "reconstruction_pass"]

@@ -1,14 +1,40 @@
-"""Objectives a study can optimise, by name. Each says its direction and what it costs:
-``forward`` ones come from the pass over the reconstruction prompts, ``perplexity`` needs a
-pass over held-out text with the lm_head, ``static`` ones follow from the candidate alone."""
+"""Objectives a study can optimise, by name. Each says its direction and what it costs, and
+computes its own value from what the evaluator hands it (``ObjectiveInputs``): ``forward``
+ones read the one pass over the reconstruction prompts (``reconstruction_pass``, run once for
+all of them), ``perplexity`` needs a pass over held-out text with the lm_head, ``static`` ones
+follow from the candidate alone. Adding an objective is one registered function here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
+import torch
+from torch import nn
+
+from prunesearch.objectives.lm import perplexity
+from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
 from prunesearch.registry import Registry
 
+if TYPE_CHECKING:
+    from prunesearch.config import EvalConfig
+    from prunesearch.kvcache import KVQuantConfig
+
 OBJECTIVES = Registry("objective")
+
+
+@dataclass
+class ObjectiveInputs:
+    """One trial's pruned (and KV-quantized) model and what the evaluator knows about it."""
+
+    model: nn.Module
+    achieved: float  # share of the prunable weights pruned (removed blocks counted as pruned)
+    target: float  # the study's sparsity budget
+    kv_bits: list[int]  # per decoder layer of the model (16: not quantized)
+    kv_quant: KVQuantConfig
+    forward: dict[str, float]  # the reconstruction pass: frobenius, frobenius_rel (and kl when asked)
+    held_out: torch.Tensor | None = None  # the evaluation text's token ids, when perplexity is asked
+    evaluation: EvalConfig | None = None  # its settings (batch size)
 
 
 @dataclass(frozen=True)
@@ -17,19 +43,52 @@ class Objective:
     direction: str  # "minimize" or "maximize"
     kind: str  # "forward", "perplexity" or "static"
     description: str
+    compute: Callable[[ObjectiveInputs], float]
 
 
-def _register(name: str, direction: str, kind: str, description: str) -> None:
-    OBJECTIVES.register(name, direction=direction, kind=kind)(Objective(name, direction, kind, description))
+def _objective(name: str, direction: str, kind: str, description: str) -> Callable:
+    def deco(fn: Callable[[ObjectiveInputs], float]) -> Callable[[ObjectiveInputs], float]:
+        OBJECTIVES.register(name, direction=direction, kind=kind)(Objective(name, direction, kind, description, fn))
+        return fn
+
+    return deco
 
 
-_register("frobenius", "minimize", "forward", "||logits_pruned - logits_dense||_F on the reconstruction prompts (OptiShear)")
-_register("frobenius_rel", "minimize", "forward", "the Frobenius error relative to ||logits_dense||_F")
-_register("kl", "minimize", "forward", "mean KL(dense || pruned) of next-token distributions")
-_register("perplexity", "minimize", "perplexity", "perplexity on the held-out evaluation text")
-_register("kept_fraction", "minimize", "static", "fraction of prunable weights kept")
-_register("kv_bytes", "minimize", "static", "KV-cache bytes per token under the candidate's bits")
-_register("sparsity_deviation", "minimize", "static", "|achieved sparsity - target|")
+@_objective("frobenius", "minimize", "forward", "||logits_pruned - logits_dense||_F on the reconstruction prompts (OptiShear)")
+def _frobenius(x: ObjectiveInputs) -> float:
+    return x.forward["frobenius"]
+
+
+@_objective("frobenius_rel", "minimize", "forward", "the Frobenius error relative to ||logits_dense||_F")
+def _frobenius_rel(x: ObjectiveInputs) -> float:
+    return x.forward["frobenius_rel"]
+
+
+@_objective("kl", "minimize", "forward", "mean KL(dense || pruned) of next-token distributions")
+def _kl(x: ObjectiveInputs) -> float:
+    return x.forward["kl"]
+
+
+@_objective("perplexity", "minimize", "perplexity", "perplexity on the held-out evaluation text")
+def _perplexity(x: ObjectiveInputs) -> float:
+    return perplexity(x.model, x.held_out, x.evaluation.batch_size)
+
+
+@_objective("kept_fraction", "minimize", "static", "fraction of prunable weights kept")
+def _kept_fraction(x: ObjectiveInputs) -> float:
+    return 1.0 - x.achieved
+
+
+@_objective("kv_bytes", "minimize", "static", "KV-cache bytes per token under the candidate's bits")
+def _kv_bytes(x: ObjectiveInputs) -> float:
+    from prunesearch import kvcache
+
+    return kvcache.kv_bytes_per_token(x.model.config, x.kv_bits, x.kv_quant)
+
+
+@_objective("sparsity_deviation", "minimize", "static", "|achieved sparsity - target|")
+def _sparsity_deviation(x: ObjectiveInputs) -> float:
+    return abs(x.achieved - x.target)
 
 
 def objective(name: str) -> Objective:
@@ -38,3 +97,16 @@ def objective(name: str) -> Objective:
 
 def directions(names: list[str]) -> list[str]:
     return [objective(n).direction for n in names]
+
+
+def reconstruction_pass(model: nn.Module, ref: DenseReference, names: list[str],
+                        on_batch: Callable[[int, float], bool] | None = None) -> dict[str, float] | None:
+    """The one pass over the reconstruction prompts that the forward objectives among ``names``
+    read ({} when none is asked; KL only when asked). When the first objective is a forward one,
+    ``on_batch(step, its running value)`` may stop the pass early: the result is then None."""
+    if not any(objective(n).kind == "forward" for n in names):
+        return {}
+    hook = None
+    if on_batch is not None and objective(names[0]).kind == "forward":
+        hook = lambda step, running: on_batch(step, running[names[0]])  # noqa: E731
+    return reconstruction_error(model, ref, kl="kl" in names, on_batch=hook)

@@ -21,13 +21,12 @@ from prunesearch.config import KVCacheConfig, StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.models import load_model, prunable_linears
 from prunesearch.models.families import linears_by_block
-from prunesearch.objectives.lm import perplexity
-from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
-from prunesearch.objectives.registry import objective
-from prunesearch.prune_job import kv_context, kv_report, load_texts
+from prunesearch.objectives.reconstruction import DenseReference
+from prunesearch.objectives.registry import ObjectiveInputs, objective, reconstruction_pass
+from prunesearch.prune_job import kv_context, kv_quant_config, load_texts
 from prunesearch.pruning import metrics
 from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
-from prunesearch.pruning.engine import PruneSpec, collect_stats, resolve_group
+from prunesearch.pruning.engine import collect_stats, resolve_group
 from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.masks import parse_structure
 from prunesearch.spaces import Candidate, ModelLayout, block_to_units, kept_bits, unit_of
@@ -55,7 +54,8 @@ class Evaluator:
         self.device = next(self.model.parameters()).device
         self.stages["model load"], t = time.perf_counter() - t, time.perf_counter()
         calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation, model=self.model)
-        self.held_out = held_out if "perplexity" in self.cfg.objectives else None
+        self.held_out = held_out if any(objective(n).kind == "perplexity" for n in self.cfg.objectives) else None
+        self.kv_quant = kv_quant_config(self.cfg.kv_cache)  # how the cache is quantized; the bits are the candidate's
         self.stages["text"], t = time.perf_counter() - t, time.perf_counter()
         self.fixed_removal = None  # what pruning.remove_layers removed before the search, if anything
         self.stats, self.ref = self._dense_side(calib, dense)  # removes blocks first when the study says so
@@ -65,9 +65,8 @@ class Evaluator:
         self.blocks = linears_by_block(self.linears)
         self.layout = ModelLayout.of(self.linears)  # what the space searches: the full model when it searches removal
         p = self.cfg.pruning
-        self.spec = PruneSpec(p.metric, p.sparsity, "uniform", p.structure, p.group, "one_shot")
         self.nm = parse_structure(p.structure)
-        self.masker = FastMasker(self.linears, self.stats, p.metric, resolve_group(self.spec), self.nm)
+        self.masker = FastMasker(self.linears, self.stats, p.metric, resolve_group(p.metric, p.group), self.nm)
         self.searched = None  # a study that searches how many blocks to remove
         if self.cfg.space.remove_layers:
             self.searched = SearchedRemoval(self.model, calib, self.cfg, self.layout, self.stats, self.masker.group, self.nm)
@@ -185,26 +184,14 @@ class Evaluator:
         ratios, achieved = self.apply(cand)
         t_mask = time.perf_counter() - t0
         removal = self._removal_record()
-        names = self.cfg.objectives
-        values: dict[str, float] = {}
-        primary = names[0]
-        with kv_context(self.model, self.kv_settings(cand)):
-            if any(objective(n).kind == "forward" for n in names):
-                hook = None
-                if on_batch is not None and objective(primary).kind == "forward":
-                    hook = lambda step, running: on_batch(step, running[primary])  # noqa: E731
-                rec = reconstruction_error(self.model, self.ref, kl="kl" in names, on_batch=hook)
-                if rec is None:
-                    return TrialResult(ratios, achieved, pruned=True, **removal)
-                values.update({n: rec[n] for n in names if n in rec})
-            if "perplexity" in names:
-                values["perplexity"] = perplexity(self.model, self.held_out, self.cfg.evaluation.batch_size)
-        if "kept_fraction" in names:
-            values["kept_fraction"] = 1.0 - achieved
-        if "sparsity_deviation" in names:
-            values["sparsity_deviation"] = abs(achieved - self.cfg.pruning.sparsity)
-        if "kv_bytes" in names:
-            values["kv_bytes"] = kv_report(self.model, self.kv_settings(cand))["bytes_per_token"]
+        names, kv = self.cfg.objectives, self.kv_settings(cand)
+        with kv_context(self.model, kv):
+            forward = reconstruction_pass(self.model, self.ref, names, on_batch)
+            if forward is None:
+                return TrialResult(ratios, achieved, pruned=True, **removal)
+            inputs = ObjectiveInputs(self.model, achieved, self.cfg.pruning.sparsity, kv.bits, self.kv_quant, forward,
+                                     self.held_out, self.cfg.evaluation)
+            values = {n: objective(n).compute(inputs) for n in names}
         return TrialResult(ratios, achieved, values=[values[n] for n in names], named=values,
                            metric=cand.metric or self.cfg.pruning.metric,
                            timings={"mask_s": t_mask, "total_s": time.perf_counter() - t0,
