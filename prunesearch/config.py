@@ -54,7 +54,30 @@ class AllocationConfig(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class PruningConfig(Strict):
+class PruningSection(Strict):
+    """What the two pruning sections (a prune config's, a study's) share: the metric check, and the
+    one ``PruneSpec`` each describes (``spec()``), checked whole by ``check_spec`` when read."""
+
+    @field_validator("metric", check_fields=False)
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        _as_value_error(lambda: METRICS.resolve(v))
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        self._check()
+        _as_value_error(lambda: check_spec(self.spec()))
+        return self
+
+    def _check(self) -> None:
+        """The section's own checks (ValueError), before the spec's."""
+
+    def spec(self, batch_size: int = 8) -> PruneSpec:
+        raise NotImplementedError
+
+
+class PruningConfig(PruningSection):
     metric: str = Field("wanda", description="a metric name, optionally with parameters: ria:a=0.5")
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     allocation: str | AllocationConfig = Field("uniform", description="uniform, owl[:M=5,lam=0.08], mrp[:step=0.01,start=..], or {name, params}")
@@ -70,28 +93,15 @@ class PruningConfig(Strict):
                                                               "pins the blocks its trial removed")
     max_sparsity: float = Field(0.95, gt=0.0, lt=1.0)
 
-    @model_validator(mode="after")
-    def _pinned_blocks(self):
+    def _check(self) -> None:
         if self.remove_blocks is not None and len(self.remove_blocks) != self.remove_layers:
             raise ValueError(f"remove_blocks lists {len(self.remove_blocks)} blocks but remove_layers is {self.remove_layers}")
-        return self
-
-    @field_validator("metric")
-    @classmethod
-    def _known_metric(cls, v: str) -> str:
-        _as_value_error(lambda: METRICS.resolve(v))
-        return v
 
     @field_validator("allocation")
     @classmethod
     def _known_allocation(cls, v):
         _as_value_error(lambda: ALLOCATIONS.resolve(v if isinstance(v, str) else v.model_dump()))
         return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "PruningConfig":
-        _as_value_error(lambda: check_spec(self.spec()))
-        return self
 
     def spec(self, batch_size: int = 8) -> PruneSpec:
         alloc = self.allocation if isinstance(self.allocation, str) else self.allocation.model_dump()
@@ -307,7 +317,7 @@ class WorkersConfig(Strict):
         return int(text)
 
 
-class StudyPruningConfig(Strict):
+class StudyPruningConfig(PruningSection):
     metric: str = "wanda"
     sparsity: float = Field(0.7, ge=0.0, lt=1.0, description="the global budget every candidate meets")
     structure: str = "unstructured"
@@ -316,16 +326,10 @@ class StudyPruningConfig(Strict):
                                                     "the search allocates `sparsity` over the rest")
     compensate: bool = Field(True, description="Prune&Comp magnitude compensation of the removed blocks")
 
-    @field_validator("metric")
-    @classmethod
-    def _known_metric(cls, v: str) -> str:
-        _as_value_error(lambda: METRICS.resolve(v))
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "StudyPruningConfig":
-        _as_value_error(lambda: check_spec(PruneSpec(self.metric, self.sparsity, "uniform", self.structure, self.group, "one_shot")))
-        return self
+    def spec(self, batch_size: int = 8) -> PruneSpec:
+        """How the study prunes: every candidate one shot from the dense statistics, under this
+        metric, structure and group, on this budget; its allocation is the candidate's own."""
+        return PruneSpec(self.metric, self.sparsity, "uniform", self.structure, self.group, "one_shot", batch_size=batch_size)
 
 
 class StudyConfig(Strict):

@@ -90,7 +90,7 @@ def check_prune(cfg, out: Path | None = None, overwrite: bool = False) -> Checke
 def check_study(cfg) -> Checked:
     """Everything a study can find out before its database, Ray or a worker is touched."""
     from prunesearch.models.families import prunable_linears
-    from prunesearch.pruning.engine import PruneSpec, check_spec
+    from prunesearch.pruning.engine import check_spec
     from prunesearch.spaces import ModelLayout, make_study_space
 
     t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def check_study(cfg) -> Checked:
     if cfg.space.remove_layers:
         _check_removal(n_blocks, max(cfg.space.remove_layers), "the largest space.remove_layers choice")
     # the fixed removal's blocks are not known before calibration: every layer must fit the structure
-    check_spec(PruneSpec(p.metric, p.sparsity, "uniform", p.structure, p.group, "one_shot"), linears)
+    check_spec(p.spec(), linears)
     layout = ModelLayout.of(linears)
     if p.remove_layers:  # the space searches the kept blocks: same sizes for the check, fewer blocks
         layout = ModelLayout(n_blocks - p.remove_layers, layout.attn_sizes[p.remove_layers:],

@@ -94,10 +94,11 @@ def ratio_of(block_ratio: float | list[float], lin: PrunableLinear) -> float:
     return float(block_ratio)
 
 
-def resolve_group(spec: PruneSpec) -> str:
-    if spec.group != "auto":
-        return spec.group
-    return metrics.METRICS.resolve(spec.metric)[0].meta.get("group", "row")
+def resolve_group(metric: str, group: str = "auto") -> str:
+    """The comparison group a metric's masks use: ``group``, or for auto the metric's own default."""
+    if group != "auto":
+        return group
+    return metrics.METRICS.resolve(metric)[0].meta.get("group", "row")
 
 
 def check_spec(spec: PruneSpec, linears: list[PrunableLinear] | None = None) -> NM | None:
@@ -198,7 +199,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     linears = prunable_linears(model)
     blocks = linears_by_block(linears)
     nm = check_spec(spec, linears)
-    group = resolve_group(spec)
+    group = resolve_group(spec.metric, spec.group)
     alloc_entry, alloc_params = ALLOCATIONS.resolve(spec.allocation)
     metric_stats = metrics.metric_needs_stats(spec.metric) or spec.bias_compensation
     alloc_stats = alloc_entry.meta.get("needs_stats", True)
