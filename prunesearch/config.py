@@ -263,6 +263,9 @@ class SpaceConfig(Strict):
         return sorted(v)
 
 
+VECTOR_SAMPLERS = {"nsga3"}  # samplers that evolve vectors: they need a VectorSpace (spaces/spaces.py)
+
+
 class SearchConfig(Strict):
     sampler: Literal["tpe", "random", "nsga3"] = Field("tpe", description="tpe (Optuna), random, or nsga3 (pymoo; needs the optishear space)")
     trials: int = Field(40, ge=1, description="finished (complete or pruned) trials the study ends with; nsga3: evaluations")
@@ -375,17 +378,25 @@ class StudyConfig(Strict):
                              f"[space.min_sparsity {self.space.min_sparsity}, space.max_sparsity {self.space.max_sparsity}]")
         if self.reconstruction_samples > self.calibration.samples:
             raise ValueError("reconstruction_samples cannot exceed calibration.samples")
-        if self.search.sampler == "nsga3" and self.space.name != "optishear":
-            raise ValueError(f"the nsga3 sampler evolves a discrete space: set space.name to optishear (not {self.space.name})")
-        if self.space.name != "optishear" and {"wanda", "ria"} & set(self.search.baselines):
-            raise ValueError("the baselines wanda and ria name a metric: only the optishear space searches the metric")
+        from prunesearch.spaces import SPACES, VectorSpace, space_names
+
+        space = SPACES.get(self.space.name).fn
+        vector = lambda c: issubclass(c, VectorSpace)  # noqa: E731
+        evolves = self.search.sampler in VECTOR_SAMPLERS
+        if evolves and not vector(space):
+            raise ValueError(f"the {self.search.sampler} sampler evolves a discrete space: set space.name to "
+                             f"{' or '.join(space_names(vector))} (not {self.space.name})")
+        if not space.searches_metric and {"wanda", "ria"} & set(self.search.baselines):
+            raise ValueError(f"the baselines wanda and ria name a metric: only the "
+                             f"{' or '.join(space_names(lambda c: c.searches_metric))} space searches the metric")
         if self.space.remove_layers:
             if self.pruning.remove_layers:
                 raise ValueError("space.remove_layers searches how many blocks to remove: set pruning.remove_layers "
                                  "to 0 (it removes a fixed number before the search)")
-            if self.search.sampler == "nsga3" or self.space.name == "optishear":
-                raise ValueError("space.remove_layers is searched by the tpe or random sampler over the blockwise or "
-                                 "owl space, not by nsga3 / the optishear space")
+            if evolves or vector(space):
+                raise ValueError(f"space.remove_layers is searched by the tpe or random sampler over the "
+                                 f"{' or '.join(space_names(lambda c: not vector(c)))} space, not by "
+                                 f"{' / '.join(sorted(VECTOR_SAMPLERS))} / the {' or '.join(space_names(vector))} space")
             if self.pruning.structure not in ("", "unstructured"):
                 raise ValueError(f"space.remove_layers needs unstructured pruning: the budget left to the kept blocks, "
                                  f"(S N - R_k) / (N - R_k), is in general not on the {self.pruning.structure} grid")

@@ -34,6 +34,7 @@ from pymoo.util.ref_dirs import get_reference_directions
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.search import attrs
+from prunesearch.spaces import VectorSpace
 
 log = logging.getLogger(__name__)
 PENALTY = 1e30  # the objective values of an individual that failed twice (minimisation space)
@@ -120,7 +121,7 @@ def recorded(study: optuna.Study) -> dict[tuple[int, int], Recorded]:
     return out
 
 
-def seed_vectors(study: optuna.Study, cfg: StudyConfig, space, resolve) -> list[tuple[str, list[int]]]:
+def seed_vectors(study: optuna.Study, cfg: StudyConfig, space: VectorSpace, resolve) -> list[tuple[str, list[int]]]:
     """The configured baselines as (name, gene vector), stored in the study so a resume seeds the same."""
     if attrs.SEEDS not in study.user_attrs:
         seeds: list[tuple[str, list[int]]] = []
@@ -133,7 +134,7 @@ def seed_vectors(study: optuna.Study, cfg: StudyConfig, space, resolve) -> list[
     return [(name, list(v)) for name, v in study.user_attrs[attrs.SEEDS]]
 
 
-def evolve(study: optuna.Study, cfg: StudyConfig, space, dispatcher, seeds, t0: float, ctrl_c, bar) -> str:
+def evolve(study: optuna.Study, cfg: StudyConfig, space: VectorSpace, dispatcher, seeds, t0: float, ctrl_c, bar) -> str:
     """Run (or replay, then continue) the generations until ``cfg.search.trials`` evaluations."""
     problem, algorithm = make_algorithm(cfg, space.bounds(), [v for _, v in seeds])
     seed_names = {tuple(v): name for name, v in seeds}
@@ -168,7 +169,7 @@ def evolve(study: optuna.Study, cfg: StudyConfig, space, dispatcher, seeds, t0: 
     return "trials"
 
 
-def _evaluate(study, cfg, space, dispatcher, generation, X, missing, F, t0, ctrl_c, bar, seed_names) -> str | None:
+def _evaluate(study, cfg, space: VectorSpace, dispatcher, generation, X, missing, F, t0, ctrl_c, bar, seed_names) -> str | None:
     """Evaluate the missing individuals of one generation on the pool; fills F. Returns a stop reason."""
     sampler: FixedParamsSampler = study.sampler
     pool = dispatcher.pool

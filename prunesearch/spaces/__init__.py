@@ -2,10 +2,10 @@
 
 from prunesearch.spaces.candidate import Candidate
 from prunesearch.spaces.layout import ModelLayout, block_to_units, kept_bits, kept_units, unit_of
-from prunesearch.spaces.spaces import (REMOVAL_PARAM, SPACES, BlockwiseSpace, OwlSpace, SearchSpace, check_removal_choices,
-                                      kept_target, make_space, make_study_space)
+from prunesearch.spaces.spaces import (REMOVAL_PARAM, SPACES, BlockwiseSpace, OwlSpace, SearchSpace, VectorSpace,
+                                      check_removal_choices, kept_target, make_space, make_study_space, space_names)
 from prunesearch.spaces.optishear import Gene, OptiShearSpace  # registers "optishear"
 
 __all__ = ["REMOVAL_PARAM", "SPACES", "BlockwiseSpace", "Candidate", "Gene", "ModelLayout", "OptiShearSpace", "OwlSpace",
-           "SearchSpace", "block_to_units", "check_removal_choices", "kept_bits", "kept_target", "kept_units", "make_space", "make_study_space",
-           "unit_of"]
+           "SearchSpace", "VectorSpace", "block_to_units", "check_removal_choices", "kept_bits", "kept_target", "kept_units",
+           "make_space", "make_study_space", "space_names", "unit_of"]

@@ -16,7 +16,7 @@ import optuna
 from prunesearch.errors import UserError
 from prunesearch.pruning.meta_metric import COEFFICIENTS, RIA_LIKE_POINT, TRANSFORMS, WANDA_POINT, meta_spec
 from prunesearch.spaces.candidate import Candidate
-from prunesearch.spaces.spaces import SPACES, Resolver, SearchSpace
+from prunesearch.spaces.spaces import SPACES, Resolver, VectorSpace
 
 METRIC_GENES = (("coef_w", COEFFICIENTS), ("op_w", TRANSFORMS), ("coef_x", COEFFICIENTS), ("op_x", TRANSFORMS))
 OFFSETS = (-1, 0, 1)
@@ -30,8 +30,10 @@ class Gene:
 
 
 @SPACES.register("optishear")
-class OptiShearSpace(SearchSpace):
+class OptiShearSpace(VectorSpace):
     """The meta metric (unless ``search_metric`` is false) and per-unit offsets of ``step`` around S."""
+
+    searches_metric = True
 
     def __init__(self, layout, target, *, step: float = 0.05, search_metric: bool = True, **kw):
         super().__init__(layout, target, **kw)
@@ -48,9 +50,8 @@ class OptiShearSpace(SearchSpace):
         if self.kv_bits and len(self.kv_bits) > 1:
             self.genes += [Gene(self._kv_name(i), tuple(self.kv_bits)) for i in range(self.layout.n_blocks)]
 
-    # --- vectors <-> parameters ---
+    # --- vectors <-> parameters (VectorSpace) ---
     def bounds(self) -> list[int]:
-        """The largest index of every gene (the smallest is 0)."""
         return [len(g.choices) - 1 for g in self.genes]
 
     def params_of(self, x) -> dict[str, Any]:

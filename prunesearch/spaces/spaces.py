@@ -29,6 +29,8 @@ Resolver = Callable[[dict], list[float]]
 
 
 class SearchSpace(ABC):
+    searches_metric = False  # whether a point names the metric too (then baselines such as wanda and ria mean something)
+
     def __init__(self, layout: ModelLayout, target: float, *, min_sparsity: float = 0.0, max_sparsity: float = 0.95,
                  nm_m: int | None = None, kv_bits: list[int] | None = None, split_attn_mlp: bool = False,
                  remove_layers: list[int] | None = None):
@@ -88,6 +90,33 @@ class SearchSpace(ABC):
     @abstractmethod
     def encode(self, allocation: dict, kv_bits: list[int] | None, resolve: Resolver) -> dict[str, Any]:
         """Trial parameters that make ``suggest`` return this allocation (and KV bits)."""
+
+
+class VectorSpace(SearchSpace):
+    """What a vector-based (evolutionary) sampler, NSGA-III now, needs of a space: every point is
+    a vector of small integers, gene i in 0..bounds()[i], and equally a set of trial parameters.
+    The sampler evolves vectors; ``params_of`` turns one into the parameters that ``suggest``
+    makes a candidate of, and ``vector_of`` turns recorded or ``encode``d (baseline) parameters
+    back into a vector. A gene is a categorical choice: a vector space does not search how many
+    blocks are removed. Whether a registered space is one: ``issubclass(SPACES.get(name).fn,
+    VectorSpace)``."""
+
+    @abstractmethod
+    def bounds(self) -> list[int]:
+        """The largest index of every gene (the smallest is 0)."""
+
+    @abstractmethod
+    def params_of(self, x) -> dict[str, Any]:
+        """The trial parameters of a vector."""
+
+    @abstractmethod
+    def vector_of(self, params: dict[str, Any]) -> list[int]:
+        """The vector of trial parameters (a UserError when they do not belong to this space)."""
+
+
+def space_names(having: Callable[[type[SearchSpace]], bool]) -> list[str]:
+    """The registered spaces whose class has a property (``lambda c: issubclass(c, VectorSpace)``)."""
+    return [name for name in SPACES.names() if having(SPACES.get(name).fn)]
 
 
 @SPACES.register("blockwise")
