@@ -118,7 +118,7 @@ def test_evaluator_meets_the_full_models_budget_for_every_k_and_switches_exactly
     assert first.kept_sparsity == pytest.approx(0.5)
 
     one = ev.evaluate(Candidate(ratios=raw, removed=1))
-    gone = ev.searched.removal.removed[0]
+    gone = ev.trial_model.removal.removed[0]
     assert one.removed_blocks == [gone] and len(decoder_blocks(ev.model)) == 2
     assert one.achieved == pytest.approx(0.5, abs=0.01)  # the removed block counts as pruned
     assert one.kept_sparsity == pytest.approx((0.5 * 3 - 1) / 2)  # SmolLM2's blocks are all the same size
@@ -138,7 +138,7 @@ def test_evaluator_meets_the_full_models_budget_for_every_k_and_switches_exactly
     owl = ev.evaluate(Candidate(allocation={"name": "owl", "params": {"M": 3.0, "lam": 0.1}}, removed=1))
     assert len(owl.ratios) == 2 and weighted_mean(owl.ratios, sizes) == pytest.approx(one.kept_sparsity)
     assert owl.achieved == pytest.approx(0.5, abs=0.01)
-    assert ev.resolve({"name": "uniform"}) == [0.5] * 3 and ev.k == 0  # baselines resolve on the full model
+    assert ev.resolve({"name": "uniform"}) == [0.5] * 3 and ev.trial_model.k == 0  # baselines resolve on the full model
 
 
 def test_kv_bits_are_chosen_per_original_block_and_removed_blocks_keep_no_cache():

@@ -6,7 +6,9 @@ and lambda) that the worker resolves with its calibration statistics.
 
 When the study searches how many blocks to remove (``removed`` is set), the worker drops those
 blocks first; the ratios are then the trial's raw ratios for every unit of the full model, and
-the worker projects the kept units' ratios onto the budget that is left for them.
+the worker projects the kept units' ratios onto the budget that is left for them. Either way
+the worker's ``TrialModel`` (workers/trial_model.py) turns them into the ratios the trial ran
+with, which is what the trial records.
 """
 
 from __future__ import annotations

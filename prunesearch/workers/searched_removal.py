@@ -6,13 +6,12 @@ iterative order (same text, same blocks). A trial with another k than the last o
 model back exactly (``restore_state``), replays the first k cuts and folds, and masks over the
 kept linears with the statistics of that reduced model, collected and ranked once per k.
 The budget stays the full model's: the removed blocks count as pruned, the kept ones share
-``kept_target`` (spaces.py).
+``kept_target`` (spaces.py). The evaluator sees it as a ``TrialModel`` (trial_model.py).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import torch
 
@@ -25,19 +24,23 @@ from prunesearch.pruning.engine import collect_stats
 from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.masks import NM
 from prunesearch.pruning.stats import ColumnStats
-from prunesearch.spaces import Candidate, ModelLayout, block_to_units, check_removal_choices, kept_target, kept_units
+from prunesearch.spaces import (Candidate, ModelLayout, block_to_units, check_removal_choices, kept_bits, kept_target,
+                                kept_units)
+from prunesearch.workers.trial_model import Resolve
 
 
 class SearchedRemoval:
-    """Which k the model is at, and how to get to another one."""
+    """Which k the model is at, and how to get to another one: the linears, statistics and
+    masker of the model at that k (a ``TrialModel``)."""
 
     def __init__(self, model: torch.nn.Module, calib: torch.Tensor, cfg: StudyConfig, layout: ModelLayout,
-                 full_stats: dict[str, ColumnStats], group: str, nm: NM | None):
+                 linears: list[PrunableLinear], full_stats: dict[str, ColumnStats], masker: FastMasker, nm: NM | None):
         from prunesearch.pruning.layer_removal import check_removable
 
         check_removable(model, cfg.pruning.compensate)  # at start-up: not a failure of every k > 0 trial
         self.model, self.calib, self.cfg, self.layout = model, calib, cfg, layout
-        self.group, self.nm = group, nm
+        self.linears, self.stats, self.masker = linears, full_stats, masker  # at k = 0
+        self.group, self.nm = masker.group, nm
         self.k, self.switch_s = 0, 0.0
         self.removal = None  # the measured order (RemovalResult), at the first trial with k > 0
         self.pristine = None
@@ -66,16 +69,25 @@ class SearchedRemoval:
         finally:
             restore_state(self.model, self.pristine)
 
-    def switch(self, k: int, masker: FastMasker | None) -> tuple[list[PrunableLinear], dict[str, ColumnStats], FastMasker]:
-        """Put the model in the state of a trial that removes ``k`` blocks (from whatever ``masker``
+    def prepare(self, cand: Candidate) -> float | None:
+        """Switch to the candidate's k (None: 0); the seconds that took, None when k did not change."""
+        k = cand.removed or 0
+        if k == self.k:
+            return None
+        self._switch(k)
+        return self.switch_s
+
+    def _switch(self, k: int) -> None:
+        """Put the model in the state of a trial that removes ``k`` blocks (from whatever the masker
         left): restore the full model exactly (masks, folds, blocks, config, lm_head tie), replay
-        the first k cuts; returns the kept linears, their statistics and a masker over them."""
+        the first k cuts; then the kept linears, their statistics and a masker over them."""
         if k and k not in self.cfg.space.remove_layers:
             raise UserError(f"this study cannot remove {k} blocks (space.remove_layers: {self.cfg.space.remove_layers})")
         from prunesearch.pruning.layer_removal import replay_removal, restore_state
 
         t0 = time.perf_counter()
-        if masker is not None and self.k >= 0:
+        masker = self.masker
+        if self.k >= 0:
             self.ranks_by_k.setdefault(self.k, {name: r.cpu() for name, r in masker.ranks.items()})
             masker.restore()
             masker.dense.clear()  # one dense copy at a time: the new masker takes its own
@@ -93,8 +105,8 @@ class SearchedRemoval:
         stats = self.stats_by_k[k] = {n: st.to(self.device) for n, st in self.stats_by_k[k].items()}
         masker = FastMasker(linears, stats, self.cfg.pruning.metric, self.group, self.nm, ranks=self.ranks_by_k.get(k),
                             factors=self.factors_by_k.setdefault(k, {}))  # each k ranked (SparseGPT: factored) once
+        self.linears, self.stats, self.masker = linears, stats, masker
         self.k, self.switch_s = k, time.perf_counter() - t0
-        return linears, stats, masker
 
     @property
     def removed_blocks(self) -> list[int]:
@@ -105,6 +117,7 @@ class SearchedRemoval:
         sizes = self.layout.unit_sizes(False)
         return sum(sizes[b] for b in self.removed_blocks)
 
+    @property
     def kept_sparsity(self) -> float:
         """The budget of the kept blocks: the full model's, with the removed blocks counted as pruned
         (launch refused anything below the space's minimum; the clamp only absorbs rounding)."""
@@ -112,10 +125,10 @@ class SearchedRemoval:
         left = kept_target(self.cfg.pruning.sparsity, self.layout.total, self.removed_weights())
         return min(s.max_sparsity, max(s.min_sparsity, left))
 
-    def kept_ratios(self, cand: Candidate, resolve: Callable[[dict, float], list[float]]) -> list[float]:
+    def ratios(self, cand: Candidate, resolve: Resolve) -> list[float]:
         """Per-unit ratios of the kept blocks at their budget: the trial's raw ratios of those
         units projected onto it, or the candidate's allocation resolved over the kept blocks."""
-        target = self.kept_sparsity()
+        target = self.kept_sparsity
         if cand.ratios is None:
             return block_to_units(resolve(cand.allocation, target), cand.split)
         sizes = self.layout.unit_sizes(cand.split)
@@ -126,7 +139,6 @@ class SearchedRemoval:
         return project_to_budget([cand.ratios[u] for u in kept], [sizes[u] for u in kept], target,
                                  s.min_sparsity, s.max_sparsity)
 
-    def record(self) -> dict:
-        """What a trial reports beyond its values: the original blocks it removed and the budget
-        its kept blocks shared (its ratios are theirs)."""
-        return {"removed_blocks": self.removed_blocks, "kept_sparsity": self.kept_sparsity()}
+    def kv_bits(self, bits: list[int]) -> list[int]:
+        """The removed blocks keep no cache at all: their bits go (kv_bytes then counts them as 0)."""
+        return kept_bits(bits, self.removed_blocks)
