@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from prunesearch.errors import UserError
+from prunesearch.paths import check_output
 
 
 @dataclass
@@ -110,27 +111,3 @@ def check_study(cfg) -> Checked:
     make_study_space(cfg, layout)  # space parameters (e.g. owl's M_range) checked against the model
     check_texts(cfg.model, cfg.calibration, cfg.evaluation)
     return Checked(n_blocks, layout.total, time.perf_counter() - t0)
-
-
-def check_output(path: str | Path, kind: str, overwrite: bool, flag: str) -> Path:
-    """An output ``kind`` ('file' or 'dir') can be written at ``path``: its nearest existing
-    parent is a writable folder, it is not the other kind, and an existing non-empty one is
-    replaced only with --overwrite."""
-    import os
-
-    p = Path(path)
-    if p.exists():
-        if kind == "dir" and not p.is_dir():
-            raise UserError(f"{flag} {p}: a file of that name exists, and a directory is written there")
-        if kind == "file" and p.is_dir():
-            raise UserError(f"{flag} {p}: is a directory, and a file is written there")
-        if not overwrite and (kind == "file" or any(p.iterdir())):
-            raise UserError(f"{flag} {p} already exists: choose another or pass --overwrite")
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {p}: {parent} is a file, so nothing can be written under it")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {p}: the folder {parent} is not writable")
-    return p

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prunesearch.errors import UserError
+from prunesearch.paths import check_output
 from prunesearch.models.families import PrunableLinear, prunable_linears
 
 BIAS_FLAGS = {"attn": "attention_bias", "mlp": "mlp_bias"}
@@ -23,8 +24,6 @@ BIAS_FLAGS = {"attn": "attention_bias", "mlp": "mlp_bias"}
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     """Refuse an existing directory up front, before hours of work, unless told to overwrite."""
-    from prunesearch.preflight import check_output
-
     return check_output(out, "dir", overwrite, "output directory")
 
 

@@ -111,6 +111,3 @@ def score(spec: str, W: torch.Tensor, stats: ColumnStats | None) -> torch.Tensor
     """Scores of one layer under a metric spec such as ``wanda`` or ``ria:a=0.5`` (float32)."""
     entry, params = METRICS.resolve(spec)
     return entry.fn(W.float(), stats, **params)
-
-
-from prunesearch.pruning import meta_metric as _meta_metric  # noqa: E402,F401  (registers "meta")
