@@ -172,6 +172,7 @@ def format_validation_error(exc: ValidationError, where: str = "config", flags: 
             flag_parts.append(f"{flag} {err.get('input')!r}: {msg}" if "input" in err else f"{flag}: {msg}")
         else:
             parts.append(f"{loc}: {msg}")
+    flag_parts = list(dict.fromkeys(flag_parts))  # one flag may set two keys (--batch-size)
     lines = flag_parts + ([f"{where}: " + "; ".join(parts)] if parts else [])
     return "; ".join(lines)
 
