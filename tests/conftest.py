@@ -1,16 +1,29 @@
 """Shared fixtures: the real default model (cached float32 copy), tiny random models of each
-family saved as real HF directories with the real SmolLM2 tokenizer, and real token data."""
+family saved as real HF directories with the real SmolLM2 tokenizer, and real token data; a
+throw-away PostgreSQL server; and what the study tests share: a small study config, the study as
+a reader sees it, a driver started as a user would, the study database read and held still
+(StudyDb, wait_for, frozen_after), and one in-process Ray per module (ray_session)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import optuna
 import pytest
+import sqlalchemy
 import torch
+import yaml
+from optuna.trial import TrialState
 
 from prunesearch.models.loading import default_model_dir
 
@@ -119,9 +132,7 @@ def postgres_url():
     Yields a URL without the password: PRUNESEARCH_DB_PASSWORD carries it, as on a cluster."""
     import pwd
     import shutil
-    import subprocess
     import tempfile
-    from pathlib import Path
 
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not (initdb and pg_ctl):
@@ -141,8 +152,6 @@ def postgres_url():
                     "-o", f"-p {port} -c listen_addresses=127.0.0.1 -k {root}"], check=True, capture_output=True)
     os.environ["PRUNESEARCH_DB_PASSWORD"] = PG_PASSWORD
     try:
-        import sqlalchemy
-
         admin = sqlalchemy.create_engine(sqlalchemy.URL.create("postgresql+psycopg", user, PG_PASSWORD, "127.0.0.1", port, "postgres"),
                                          isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
@@ -152,3 +161,176 @@ def postgres_url():
     finally:
         subprocess.run([*as_pg, pg_ctl, "-D", str(data), "stop", "-m", "fast"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- studies as a user drives them
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def study_config(tmp_path: Path, trials: int = 6, **overrides) -> dict:
+    cfg = {
+        "model": {"name": "default", "max_layers": 2, "device": "cpu"},
+        "calibration": {"source": "lee", "samples": 8, "seq_len": 32, "batch_size": 4},
+        "evaluation": {"source": "lee", "samples": 4, "seq_len": 64},
+        "pruning": {"metric": "wanda", "sparsity": 0.6},
+        "reconstruction_samples": 4,
+        "space": {"name": "blockwise", "min_sparsity": 0.3, "max_sparsity": 0.9},
+        "objectives": ["frobenius"],
+        "search": {"trials": trials, "seed": 0, "n_startup_trials": 3, "heartbeat_s": 1, "grace_s": 3},
+        "storage": f"sqlite:///{tmp_path / 'studies.db'}",
+        "study": "t",
+        "workers": {"count": 1, "num_cpus": 1},
+    }
+    for key, value in overrides.items():
+        cfg[key] = value if not isinstance(value, dict) else {**cfg.get(key, {}), **value}
+    return cfg
+
+
+def write_config(tmp_path: Path, cfg: dict, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def load(cfg: dict) -> optuna.Study:
+    """The study as a reader sees it: never creating the schema a starting driver is creating."""
+    from prunesearch.search.storage import open_storage
+
+    return optuna.load_study(study_name=cfg["study"], storage=open_storage(cfg["storage"], create=False))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One in-process Ray for the module: the driver joins it instead of starting its own. Always a
+    new local one (address="local"): a stale /tmp/ray/ray_current_cluster cannot send it elsewhere."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def start_driver(path: Path) -> subprocess.Popen:
+    """`prunesearch launch` in its own session (so a test can kill it with its Ray)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "prunesearch", "launch", str(path), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def driver_name(proc: subprocess.Popen) -> str:
+    """The ``driver`` attribute a started driver writes on its trials (prunesearch.search.dispatch.DRIVER)."""
+    return f"{socket.gethostname()}:{proc.pid}"
+
+
+class StudyDb:
+    """A study's database read directly (cheap enough to poll often, never creating anything), and
+    held still on demand. Tests wait on what the database shows, never on the clock."""
+
+    def __init__(self, url: str, study: str):
+        from sqlalchemy.engine import make_url
+
+        from prunesearch.search.storage import _with_password
+
+        parsed = _with_password(make_url(url))
+        self.study, self.sqlite = study, parsed.get_backend_name() == "sqlite"
+        self.engine = sqlalchemy.create_engine(parsed, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool,
+                                               connect_args={"timeout": 60} if self.sqlite else {})
+
+    def count(self, states=("COMPLETE", "PRUNED"), attr: tuple[str, object] | None = None, like: bool = False,
+              conn=None) -> int:
+        """Trials of the study in ``states`` (with user attribute ``attr`` = (key, value), or
+        (key, SQL LIKE pattern of its JSON text)); 0 while the schema or study does not exist yet."""
+        sql = "SELECT count(*) FROM trials t JOIN studies s ON s.study_id = t.study_id"
+        params: dict = {"study": self.study}
+        if attr is not None:
+            sql += (" JOIN trial_user_attributes a ON a.trial_id = t.trial_id AND a.key = :key AND a.value_json "
+                    + ("LIKE :value" if like else "= :value"))
+            params.update(key=attr[0], value=attr[1] if like else json.dumps(attr[1]))
+        sql += f" WHERE s.study_name = :study AND t.state IN ({', '.join(repr(s) for s in states)})"
+        if conn is None and self.sqlite and not Path(self.engine.url.database).is_file():
+            return 0  # not created yet (and a reader must not create it)
+        try:
+            with contextlib.nullcontext(conn) if conn is not None else self.engine.connect() as c:
+                return c.execute(sqlalchemy.text(sql), params).scalar()
+        except sqlalchemy.exc.DBAPIError:
+            if conn is not None:
+                raise
+            return 0  # a driver is creating the schema
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """No process writes a trial while inside (SQLite: the database's write lock; PostgreSQL:
+        an EXCLUSIVE lock on trials, which reads pass); writers wait, up to their busy timeout
+        (60 s), then carry on. Yields the connection, for exact counts."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if self.sqlite else "BEGIN")
+            try:
+                if not self.sqlite:
+                    conn.exec_driver_sql("LOCK TABLE trials IN EXCLUSIVE MODE")
+                yield conn
+            finally:
+                conn.exec_driver_sql("ROLLBACK")
+
+    @contextlib.contextmanager
+    def holding_a_trial_of(self, driver: str, proc: subprocess.Popen, timeout: float = 240):
+        """PostgreSQL: row-lock a RUNNING trial of ``driver``, so that driver stops at its next
+        write to it (telling its result), while other drivers go on. Yields its trial number."""
+        assert not self.sqlite, "SQLite has no row locks"
+        sql = sqlalchemy.text(
+            "SELECT t.number FROM trials t JOIN studies s ON s.study_id = t.study_id JOIN trial_user_attributes a "
+            "ON a.trial_id = t.trial_id AND a.key = 'driver' AND a.value_json = :driver "
+            "WHERE s.study_name = :study AND t.state = 'RUNNING' FOR UPDATE OF t")  # re-checked after a concurrent update
+        deadline = time.monotonic() + timeout
+        with self.engine.connect() as conn:
+            while True:
+                conn.exec_driver_sql("BEGIN")
+                try:
+                    held = conn.execute(sql, {"driver": json.dumps(driver), "study": self.study}).scalars().all()
+                except sqlalchemy.exc.DBAPIError:  # no schema yet
+                    held = []
+                if held:
+                    break
+                conn.exec_driver_sql("ROLLBACK")
+                _alive_until(proc, deadline, f"a running trial of driver {driver}")
+                time.sleep(0.1)
+            try:
+                yield held[0]
+            finally:
+                conn.exec_driver_sql("ROLLBACK")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _alive_until(proc: subprocess.Popen | None, deadline: float, what: str) -> None:
+    """A hang guard for waits on the database: the driver must live, and minutes are enough."""
+    if proc is not None and proc.poll() is not None:
+        raise AssertionError(f"the driver exited ({proc.returncode}) before {what}: "
+                             + proc.stderr.read().decode()[-2000:])
+    if time.monotonic() > deadline:
+        raise AssertionError(f"no {what} after minutes of waiting")
+
+
+def wait_for(condition, proc: subprocess.Popen | None, what: str, timeout: float = 240) -> None:
+    """Poll ``condition`` (a database read) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        _alive_until(proc, deadline, what)
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def frozen_after(cfg: dict, proc: subprocess.Popen | None, n: int, states=("COMPLETE", "PRUNED")):
+    """Wait until the study holds ``n`` trials in ``states``, then hold it still: inside, no trial
+    is created or finished, so whatever the test does there (a kill, Ctrl-C) lands mid-study,
+    however loaded the machine. Yields the exact count."""
+    db = StudyDb(cfg["storage"], cfg["study"])
+    try:
+        wait_for(lambda: db.count(states) >= n, proc, f"{n} finished trials")
+        with db.frozen() as conn:
+            count = db.count(states, conn=conn)
+            assert n <= count < cfg["search"]["trials"], count  # the trials to spare dwarf one poll's progress
+            yield count
+    finally:
+        db.close()

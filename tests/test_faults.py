@@ -16,26 +16,14 @@ import psutil
 import pytest
 from optuna.trial import TrialState
 
-from conftest import PG_PASSWORD, run_cli
-from test_search import StudyDb, driver_name, frozen_after, start_driver, study_config, wait_for, write_config
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+from conftest import (FINISHED, PG_PASSWORD, StudyDb, driver_name, frozen_after, load, run_cli, start_driver, study_config,
+                      wait_for, write_config)
 
 
 @pytest.fixture(scope="module")
-def ray_session(postgres_url):
-    """Started after the database fixture, so in-process workers inherit its password variable."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def ray_session(postgres_url, ray_session):
+    """conftest's, started after the database fixture, so in-process workers inherit its password variable."""
     yield
-    ray.shutdown()
-
-
-def load(cfg: dict) -> optuna.Study:
-    from prunesearch.search.storage import open_storage
-
-    return optuna.load_study(study_name=cfg["study"], storage=open_storage(cfg["storage"], create=False))
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -10,7 +10,7 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from conftest import run_cli
+from conftest import load, run_cli, study_config, write_config
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.models import load_model
@@ -19,16 +19,6 @@ from prunesearch.pruning.budget import weighted_mean
 from prunesearch.pruning.layer_removal import remove_blocks, replay_removal, restore_state, save_state
 from prunesearch.spaces import Candidate, ModelLayout, kept_bits, make_space
 from prunesearch.workers.evaluator import Evaluator
-from test_search import load, study_config, write_config
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def logits(model, ids):

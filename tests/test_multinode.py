@@ -10,9 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from test_search import StudyDb, study_config, wait_for
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+from conftest import FINISHED, StudyDb, study_config, wait_for
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"  # Ray rewrites 127.0.0.1, and a second node on it hangs
 
 

@@ -14,13 +14,12 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import run_cli
+from conftest import frozen_after, load, run_cli, study_config, write_config
 from prunesearch.errors import UserError
 from prunesearch.models import load_model, prunable_linears
 from prunesearch.pruning.masks import NM, prune_mask, score_ranks, count_pruned
 from prunesearch.pruning.meta_metric import RIA_LIKE_POINT, WANDA_POINT, meta_spec
 from prunesearch.spaces import ModelLayout, make_space
-from test_search import frozen_after, study_config, write_config
 
 POP, TRIALS = 6, 22  # generations of 6, 6, 6 and a truncated 4: killed at 8, 14 left to spare
 
@@ -33,12 +32,6 @@ def nsga3_config(tmp_path, name: str, trials: int = TRIALS, seed: int = 3) -> di
     return cfg
 
 
-def load(cfg: dict) -> optuna.Study:
-    from prunesearch.search.storage import open_storage
-
-    return optuna.load_study(study_name=cfg["study"], storage=open_storage(cfg["storage"], create=False))
-
-
 def record(study: optuna.Study) -> dict:
     """(generation, individual) -> (parameters, values) of every complete trial."""
     return {(t.user_attrs["generation"], t.user_attrs["individual"]): (t.params, t.values)
@@ -47,15 +40,6 @@ def record(study: optuna.Study) -> dict:
 
 def pareto(study: optuna.Study) -> set:
     return {(tuple(sorted(t.params.items())), tuple(t.values)) for t in study.best_trials}
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 # ---------------------------------------------------------------- masks by selection

@@ -21,8 +21,7 @@ import optuna
 import pytest
 import yaml
 
-from conftest import run_cli
-from test_search import load, study_config, write_config
+from conftest import load, run_cli, study_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
