@@ -100,12 +100,13 @@ def test_stale_ray_state_does_not_break_launch_and_sigterm_leaves_it_resumable(t
         assert "Ray started in-process" in err and "checked config" in err and "evaluator ready" in err, err
         study = load(cfg)
         assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))  # re-queued, not orphaned
-        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # what --trials counts
+        done = len(study.get_trials(deepcopy=False, states=finished))
         proc = _launch_proc(["resume", "--study", cfg["study"], "--storage", cfg["storage"], "--trials", str(done + 1), "-q"],
                             env, tmp_path)
         _out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        assert len(load(cfg).get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) == done + 1
+        assert len(load(cfg).get_trials(deepcopy=False, states=finished)) == done + 1
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
