@@ -44,7 +44,7 @@ def removal_rows(ks: list[int]) -> list[tuple]:
     from prunesearch.config import DataConfig, EvalConfig
     from prunesearch.models import load_model
     from prunesearch.objectives import perplexity
-    from prunesearch.prune_job import calibration_texts, evaluation_texts
+    from prunesearch.data.texts import calibration_texts, evaluation_texts
     from prunesearch.pruning import layer_removal
 
     rows = []

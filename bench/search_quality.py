@@ -35,7 +35,7 @@ from common import timer
 
 from prunesearch.config import EvalConfig, StudyConfig, load_config
 from prunesearch.objectives import perplexity
-from prunesearch.prune_job import load_texts
+from prunesearch.data.texts import load_texts
 from prunesearch.spaces import Candidate
 
 ROOT = Path(__file__).resolve().parent.parent

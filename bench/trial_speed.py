@@ -44,7 +44,7 @@ def dense_forward_s(model, ids, batch_size, repeats=3) -> float:
 def optishear_trial(cfg: StudyConfig, ratios: list[float]) -> float:
     """Reload, recalibrate, recompute dense logits, prune by sorting, compare logits: every trial."""
     from prunesearch.models import load_model
-    from prunesearch.prune_job import load_texts
+    from prunesearch.data.texts import load_texts
     from prunesearch.pruning.engine import PruneSpec, prune_model
 
     t = time.perf_counter()

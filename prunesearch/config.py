@@ -13,9 +13,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunesearch.errors import UserError
+from prunesearch.objectives.registry import OBJECTIVES
 from prunesearch.pruning.allocations import ALLOCATIONS
 from prunesearch.pruning.engine import PruneSpec, check_spec
 from prunesearch.pruning.metrics import METRICS
+from prunesearch.spaces import SPACES, VectorSpace, space_names
 
 
 class Strict(BaseModel):
@@ -249,8 +251,6 @@ class SpaceConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known_space(cls, v: str) -> str:
-        from prunesearch.spaces import SPACES
-
         _as_value_error(lambda: SPACES.get(v))
         return v
 
@@ -360,8 +360,6 @@ class StudyConfig(Strict):
     @field_validator("objectives")
     @classmethod
     def _known_objectives(cls, v: list[str]) -> list[str]:
-        from prunesearch.objectives.registry import OBJECTIVES
-
         for name in v:
             _as_value_error(lambda: OBJECTIVES.get(name))
         if len(set(v)) != len(v):
@@ -379,8 +377,6 @@ class StudyConfig(Strict):
                              f"[space.min_sparsity {self.space.min_sparsity}, space.max_sparsity {self.space.max_sparsity}]")
         if self.reconstruction_samples > self.calibration.samples:
             raise ValueError("reconstruction_samples cannot exceed calibration.samples")
-        from prunesearch.spaces import SPACES, VectorSpace, space_names
-
         space = SPACES.get(self.space.name).fn
         vector = lambda c: issubclass(c, VectorSpace)  # noqa: E731
         evolves = self.search.sampler in VECTOR_SAMPLERS

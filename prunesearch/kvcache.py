@@ -24,13 +24,16 @@ import functools
 import inspect
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from prunesearch.errors import UserError
 from prunesearch.models.families import decoder_blocks
+
+if TYPE_CHECKING:
+    from prunesearch.config import KVCacheConfig
 
 HOOK_PREFIX = "prunesearch_kvq_"
 AXES = ("token", "channel")
@@ -257,3 +260,25 @@ def dense_kv_bytes_per_token(config) -> float:
     """The float16 cache, for ratios."""
     layers, kv_heads, head_dim = _kv_shape(config)
     return layers * 2 * kv_heads * head_dim * 2.0
+
+
+# ----------------------------------------------------------------------------- from a config's kv_cache section
+
+def kv_context(model, kv: KVCacheConfig | None):
+    """Fake-quantize the KV cache at the configured per-layer bits while evaluating."""
+    if kv is None or not kv.bits or all(b >= 16 for b in kv.bits):
+        return contextlib.nullcontext()
+    return kv_quantization(model, kv.bits, kv_quant_config(kv))
+
+
+def kv_quant_config(kv: KVCacheConfig):
+    return KVQuantConfig(key_axis=kv.key_axis, value_axis=kv.value_axis, group_size=kv.group_size,
+                                 bits_choices=kv.bits_choices)
+
+
+def kv_report(model, kv: KVCacheConfig | None) -> dict | None:
+    if kv is None or not kv.bits:
+        return None
+    cfg = kv_quant_config(kv)
+    return {"bits": kv.bits, "bytes_per_token": kv_bytes_per_token(model.config, kv.bits, cfg),
+            "dense_bytes_per_token": dense_kv_bytes_per_token(model.config)}

@@ -17,8 +17,14 @@ from pathlib import Path
 
 from torch import nn
 
+from prunesearch.data import token_sequences
 from prunesearch.errors import UserError
+from prunesearch.models.families import prunable_linears
+from prunesearch.models.loading import load_tokenizer, meta_model, resolve_device, resolve_dtype
+from prunesearch.models.saving import bias_fold_problem
 from prunesearch.paths import check_output
+from prunesearch.pruning.engine import check_spec
+from prunesearch.spaces import ModelLayout, make_study_space
 
 
 @dataclass
@@ -32,8 +38,6 @@ class Checked:
 
 def check_model(m, local_device: bool = True) -> nn.Module:
     """The model config resolves, its blocks are found; the device exists (where the job runs here)."""
-    from prunesearch.models.loading import meta_model, resolve_device, resolve_dtype
-
     resolve_dtype(m.dtype)
     if local_device:
         resolve_device(m.device)
@@ -42,9 +46,6 @@ def check_model(m, local_device: bool = True) -> nn.Module:
 
 def check_texts(m, calibration, evaluation) -> None:
     """Calibration (the whole selection pool) and held-out text hold the requested sequences."""
-    from prunesearch.data import token_sequences
-    from prunesearch.models.loading import load_tokenizer
-
     tokenizer = load_tokenizer(m.name, m.trust_remote_code)
     c = calibration
     pool = c.samples * (c.pool if c.select != "none" else 1)
@@ -63,10 +64,6 @@ def _check_removal(n_blocks: int, remove: int, what: str) -> None:
 
 def check_prune(cfg, out: Path | None = None, overwrite: bool = False) -> Checked:
     """Everything `prunesearch prune` (and `export --apply`) can find out before loading weights."""
-    from prunesearch.models.families import prunable_linears
-    from prunesearch.models.saving import bias_fold_problem
-    from prunesearch.pruning.engine import check_spec
-
     t0 = time.perf_counter()
     if out is not None:
         check_output(out, "dir", overwrite, "--out")
@@ -90,10 +87,6 @@ def check_prune(cfg, out: Path | None = None, overwrite: bool = False) -> Checke
 
 def check_study(cfg) -> Checked:
     """Everything a study can find out before its database, Ray or a worker is touched."""
-    from prunesearch.models.families import prunable_linears
-    from prunesearch.pruning.engine import check_spec
-    from prunesearch.spaces import ModelLayout, make_study_space
-
     t0 = time.perf_counter()
     model = check_model(cfg.model, local_device=not cfg.workers.address)
     linears = prunable_linears(model)

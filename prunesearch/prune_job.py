@@ -2,86 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
 
-import torch
-
-from prunesearch.config import DataConfig, KVCacheConfig, PruneConfig
-from prunesearch.data import token_sequences
+from prunesearch.config import PruneConfig
+from prunesearch.data.texts import calibration_texts, evaluation_texts
 from prunesearch.errors import UserError
+from prunesearch.kvcache import kv_context, kv_report
 from prunesearch.models import load_model
+from prunesearch.models.families import prunable_linears
 from prunesearch.models.saving import bias_fold_problem, check_output_dir, save_pruned
 from prunesearch.objectives.lm import perplexity
 from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
-from prunesearch.models.families import prunable_linears
 from prunesearch.pruning.engine import collect_stats, dense_stats_extras, prune_model
+from prunesearch.pruning.layer_removal import remove_blocks
 from prunesearch.workers import dense_cache
 
 REPORT_NAME = "prune_report.json"
-
-
-def load_texts(tokenizer, calibration: DataConfig, evaluation: DataConfig | None,
-               model=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Calibration and evaluation sequences. Calibration always draws from its source's
-    calibration partition and evaluation from the held-out one, so the two never share a
-    document, and the calibration set never depends on whether (or where) evaluation happens.
-    With ``calibration.select`` the samples are chosen out of a larger pool (``model`` embeds
-    them for hard/easy)."""
-    return calibration_texts(tokenizer, calibration, model)[0], evaluation_texts(tokenizer, evaluation)
-
-
-def evaluation_texts(tokenizer, evaluation: DataConfig | None) -> torch.Tensor | None:
-    """Held-out sequences: contiguous windows of the source's evaluation partition."""
-    if evaluation is None:
-        return None
-    e = evaluation
-    return token_sequences(tokenizer, e.source, n_samples=e.samples, seq_len=e.seq_len, seed=e.seed, split="evaluation",
-                           text_field=e.text_field, contiguous=True)
-
-
-def calibration_texts(tokenizer, calibration: DataConfig, model=None) -> tuple[torch.Tensor, dict | None]:
-    """The calibration sequences, and what the selection did (None without one)."""
-    c = calibration
-    if c.select == "none":
-        return token_sequences(tokenizer, c.source, n_samples=c.samples, seq_len=c.seq_len, seed=c.seed,
-                               split="calibration", text_field=c.text_field), None
-    from prunesearch.data.select import select_calibration
-
-    if c.select != "random" and model is None:
-        raise UserError(f"calibration select '{c.select}' embeds the candidates with the model: none was given")
-    pool = token_sequences(tokenizer, c.source, n_samples=c.samples * c.pool, seq_len=c.seq_len, seed=c.seed,
-                           split="calibration", text_field=c.text_field)
-    chosen, info = select_calibration(model, pool, c.samples, c.select, seed=c.seed, batch_size=c.batch_size)
-    return chosen, info
-
-
-def kv_context(model, kv: KVCacheConfig | None):
-    """Fake-quantize the KV cache at the configured per-layer bits while evaluating."""
-    if kv is None or not kv.bits or all(b >= 16 for b in kv.bits):
-        return contextlib.nullcontext()
-    from prunesearch import kvcache
-
-    return kvcache.kv_quantization(model, kv.bits, kv_quant_config(kv))
-
-
-def kv_quant_config(kv: KVCacheConfig):
-    from prunesearch import kvcache
-
-    return kvcache.KVQuantConfig(key_axis=kv.key_axis, value_axis=kv.value_axis, group_size=kv.group_size,
-                                 bits_choices=kv.bits_choices)
-
-
-def kv_report(model, kv: KVCacheConfig | None) -> dict | None:
-    if kv is None or not kv.bits:
-        return None
-    from prunesearch import kvcache
-
-    cfg = kv_quant_config(kv)
-    return {"bits": kv.bits, "bytes_per_token": kvcache.kv_bytes_per_token(model.config, kv.bits, cfg),
-            "dense_bytes_per_token": kvcache.dense_kv_bytes_per_token(model.config)}
 
 
 def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True) -> dict:
@@ -132,8 +70,6 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
 
     removal = None
     if p.remove_layers:
-        from prunesearch.pruning.layer_removal import remove_blocks
-
         removal = remove_blocks(model, calib, p.remove_layers, compensate=p.compensate,
                                 batch_size=bs, progress=progress, blocks=p.remove_blocks)
         timings["remove_layers"] = removal.timings.get("total", 0.0)

@@ -6,7 +6,7 @@ import torch
 
 from prunesearch.config import StudyConfig
 from prunesearch.models import load_model, prunable_linears
-from prunesearch.prune_job import load_texts
+from prunesearch.data.texts import load_texts
 from prunesearch.pruning.engine import PruneSpec, prune_model
 from prunesearch.spaces import Candidate
 from prunesearch.workers import evaluator as evaluator_module

@@ -56,7 +56,7 @@ def test_a_study_worker_runs_sparsegpt_per_trial_as_prune_does(monkeypatch):
     factors; its weights equal a one-shot `prune` with the same per-block ratios."""
     from prunesearch.config import StudyConfig
     from prunesearch.models import load_model, prunable_linears
-    from prunesearch.prune_job import load_texts
+    from prunesearch.data.texts import load_texts
     from prunesearch.pruning.engine import PruneSpec, prune_model
     from prunesearch.spaces import Candidate
     from prunesearch.workers import evaluator as evaluator_module

@@ -43,7 +43,7 @@ def no_slow_work(monkeypatch):
     """Loading weights, starting Ray or evaluators fails the test: the error must come first."""
     import prunesearch.models.loading as loading
     import prunesearch.prune_job as prune_job
-    import prunesearch.workers.pool as pool
+    import prunesearch.search.pool as pool
 
     def tripwire(*_a, **_k):
         raise AssertionError("slow work started before the mistake was reported")
@@ -112,7 +112,7 @@ def test_stale_ray_state_does_not_break_launch_and_sigterm_leaves_it_resumable(t
 
 
 def test_unreachable_cluster_is_one_line_after_a_bounded_wait_and_creates_nothing(tmp_path, capsys, monkeypatch):
-    import prunesearch.workers.pool as pool
+    import prunesearch.search.pool as pool
 
     monkeypatch.setattr(pool, "EvaluatorPool", lambda *a, **k: pytest.fail("no evaluator may start"))
     cfg = study_config(tmp_path, workers={"count": 1, "num_cpus": 1, "connect_timeout_s": 2})

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from prunesearch import kvcache
 from prunesearch.objectives.lm import perplexity
 from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
 from prunesearch.registry import Registry
@@ -81,8 +82,6 @@ def _kept_fraction(x: ObjectiveInputs) -> float:
 
 @_objective("kv_bytes", "minimize", "static", "KV-cache bytes per token under the candidate's bits")
 def _kv_bytes(x: ObjectiveInputs) -> float:
-    from prunesearch import kvcache
-
     return kvcache.kv_bytes_per_token(x.model.config, x.kv_bits, x.kv_quant)
 
 

@@ -22,6 +22,7 @@ from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
 from prunesearch.pruning.budget import round_to_grid, weighted_mean
 from prunesearch.pruning.masks import NM, layer_counts, layer_mask, parse_structure
 from prunesearch.pruning.stats import ColumnStats, StatsCollector
+from prunesearch.pruning.sparsegpt import solve
 
 MODES = ("one_shot", "sequential")
 
@@ -156,8 +157,6 @@ class _LayerPruner:
         weights now zero and the number the mask removed."""
         W = lin.weight
         if metrics.is_solver(self.spec.metric):
-            from prunesearch.pruning.sparsegpt import solve
-
             mask = solve(self.spec.metric, W, count, self.nm, stats.xtx)
             return (W == 0).float().mean().item(), int(mask.sum())
         mask = layer_mask(count, self.group, self.nm, scores=metrics.score(self.spec.metric, W, stats))

@@ -16,6 +16,7 @@ import torch
 from prunesearch.models.families import PrunableLinear
 from prunesearch.pruning import metrics
 from prunesearch.pruning.masks import NM, layer_counts, layer_mask, score_ranks
+from prunesearch.pruning.sparsegpt import HessianFactor, solve, solver_params
 from prunesearch.pruning.stats import ColumnStats
 
 
@@ -77,8 +78,6 @@ class FastMasker:
                                                                      [tuple(l.weight.shape) for l in self.linears], self.nm)))
 
     def _solve(self, sparsity: dict[str, float], metric: str, counts: dict[str, int]) -> int:
-        from prunesearch.pruning.sparsegpt import solve, solver_params
-
         damp = solver_params(metric)["damp"]
         masked = 0
         for lin in self.linears:
@@ -98,8 +97,6 @@ class FastMasker:
         """Layers that read the same input (q/k/v, gate/up) have X^T X equal to the bit: they
         share one factor, computed and held once (a quarter of a LLaMA block's factors). Found
         by a cheap fingerprint, confirmed by exact equality."""
-        from prunesearch.pruning.sparsegpt import HessianFactor
-
         key = (tuple(xtx.shape), float(xtx.diagonal().sum()), float(xtx[0].sum()), damp)
         for other in self._by_input.get(key, []):
             seen = self.stats[other].xtx

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from prunesearch.pruning.budget import exact_counts
 from prunesearch.pruning.masks import NM, lowest_k_along_last
+from prunesearch.pruning.metrics import METRICS
 
 
 def _upper_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -43,8 +45,6 @@ class HessianFactor:
 
 def solver_params(metric: str) -> dict:
     """A solver metric spec's parameters, defaults included (blocksize, damp)."""
-    from prunesearch.pruning.metrics import METRICS
-
     entry, given = METRICS.resolve(metric)
     return {**entry.params(), **given}
 
@@ -71,8 +71,6 @@ def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor | HessianFactor, sparsity
     to their widths by largest remainder."""
     d_out, d_in = W.shape
     if nm is None:
-        from prunesearch.pruning.budget import exact_counts
-
         count = int(sparsity * W.numel() + 1e-9) if count is None else count
         widths = [min(blocksize, d_in - i) for i in range(0, d_in, blocksize)]
         per_block = iter(exact_counts([count / W.numel()] * len(widths), [d_out * w for w in widths]))

@@ -32,6 +32,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from prunesearch.search import attrs
+from prunesearch.search.pool import is_worker_lost
 from prunesearch.workers.result import TrialResult
 
 log = logging.getLogger(__name__)
@@ -228,8 +229,6 @@ class Dispatcher:
 
     def _tell(self, trial: optuna.Trial, ref, tag) -> Outcome:
         import ray
-
-        from prunesearch.workers.pool import is_worker_lost
 
         try:
             result, error = ray.get(ref), None

@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.search import attrs
+from prunesearch.preflight import check_study
 from prunesearch.search.dispatch import DRIVER, Dispatcher, fail_stale, requeue
+from prunesearch.search.pool import EvaluatorPool, start_ray
 from prunesearch.search.storage import check_storage, claim_sqlite, mask_url, open_storage
 from prunesearch.search.study import create_or_check, make_sampler
 from prunesearch.spaces import ModelLayout, make_study_space
@@ -146,9 +148,6 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummar
     study database), Ray (in-process, or a cluster that answers), the study, then the
     evaluators (model load, calibration, dense reference). ``say`` gets one line per stage."""
     import ray
-
-    from prunesearch.preflight import check_study
-    from prunesearch.workers.pool import EvaluatorPool, start_ray
 
     say = say or (lambda line: None)
     t0 = time.perf_counter()

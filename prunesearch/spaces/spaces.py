@@ -17,6 +17,7 @@ import optuna
 
 from prunesearch.errors import UserError
 from prunesearch.pruning.budget import project_to_budget, round_to_grid
+from prunesearch.pruning.masks import parse_structure
 from prunesearch.registry import Registry
 from prunesearch.spaces.candidate import Candidate
 from prunesearch.spaces.layout import ModelLayout, block_to_units
@@ -200,8 +201,6 @@ def make_space(name: str, layout: ModelLayout, target: float, **kwargs) -> Searc
 
 def make_study_space(cfg, layout: ModelLayout) -> SearchSpace:
     """The space a study config (``StudyConfig``) searches over a model of this layout."""
-    from prunesearch.pruning.masks import parse_structure
-
     nm = parse_structure(cfg.pruning.structure)
     return make_space(cfg.space.name, layout, cfg.pruning.sparsity, min_sparsity=cfg.space.min_sparsity,
                       max_sparsity=cfg.space.max_sparsity, nm_m=nm.m if nm else None,

@@ -19,16 +19,18 @@ from typing import Callable
 import torch
 
 from prunesearch.config import KVCacheConfig, StudyConfig
+from prunesearch.data.texts import load_texts
 from prunesearch.errors import UserError
+from prunesearch.kvcache import kv_context, kv_quant_config
 from prunesearch.models import load_model, prunable_linears
 from prunesearch.models.families import PrunableLinear, linears_by_block
 from prunesearch.objectives.reconstruction import DenseReference
 from prunesearch.objectives.registry import ObjectiveInputs, objective, reconstruction_pass
-from prunesearch.prune_job import kv_context, kv_quant_config, load_texts
 from prunesearch.pruning import metrics
 from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
 from prunesearch.pruning.engine import collect_stats, resolve_group
 from prunesearch.pruning.fastmask import FastMasker
+from prunesearch.pruning.layer_removal import remove_blocks
 from prunesearch.pruning.masks import parse_structure
 from prunesearch.pruning.stats import ColumnStats
 from prunesearch.spaces import Candidate, ModelLayout, unit_of
@@ -93,8 +95,6 @@ class Evaluator:
         if ref is None:  # of the dense model, before any block goes
             ref = DenseReference.compute(self.model, calib[: c.reconstruction_samples], bs)
         if p.remove_layers:
-            from prunesearch.pruning.layer_removal import remove_blocks
-
             self.fixed_removal = remove_blocks(self.model, calib, p.remove_layers, compensate=p.compensate, batch_size=bs)
         if stats is None:
             stats = collect_stats(self.model, prunable_linears(self.model), calib, bs, metric=p.metric)

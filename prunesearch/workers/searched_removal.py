@@ -22,6 +22,8 @@ from prunesearch.models.families import PrunableLinear
 from prunesearch.pruning.budget import project_to_budget
 from prunesearch.pruning.engine import collect_stats
 from prunesearch.pruning.fastmask import FastMasker
+from prunesearch.pruning.layer_removal import (check_removable, remove_blocks, replay_removal, restore_state,
+                                                save_state)
 from prunesearch.pruning.masks import NM
 from prunesearch.pruning.stats import ColumnStats
 from prunesearch.spaces import (Candidate, ModelLayout, block_to_units, check_removal_choices, kept_bits, kept_target,
@@ -35,8 +37,6 @@ class SearchedRemoval:
 
     def __init__(self, model: torch.nn.Module, calib: torch.Tensor, cfg: StudyConfig, layout: ModelLayout,
                  linears: list[PrunableLinear], full_stats: dict[str, ColumnStats], masker: FastMasker, nm: NM | None):
-        from prunesearch.pruning.layer_removal import check_removable
-
         check_removable(model, cfg.pruning.compensate)  # at start-up: not a failure of every k > 0 trial
         self.model, self.calib, self.cfg, self.layout = model, calib, cfg, layout
         self.linears, self.stats, self.masker = linears, full_stats, masker  # at k = 0
@@ -58,8 +58,6 @@ class SearchedRemoval:
         """Measure the order once, up to the largest choice, on the full model, then put it back.
         Done at the first trial that removes blocks, so the driver can refuse impossible choices
         (it knows the layout once the workers are up) before this costs anything."""
-        from prunesearch.pruning.layer_removal import remove_blocks, restore_state, save_state
-
         p, choices = self.cfg.pruning, self.cfg.space.remove_layers
         check_removal_choices(choices, self.layout, p.sparsity, self.cfg.space.min_sparsity)
         self.pristine = save_state(self.model, p.compensate)
@@ -83,8 +81,6 @@ class SearchedRemoval:
         the first k cuts; then the kept linears, their statistics and a masker over them."""
         if k and k not in self.cfg.space.remove_layers:
             raise UserError(f"this study cannot remove {k} blocks (space.remove_layers: {self.cfg.space.remove_layers})")
-        from prunesearch.pruning.layer_removal import replay_removal, restore_state
-
         t0 = time.perf_counter()
         masker = self.masker
         if self.k >= 0:

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.models.families import PrunableLinear
+from prunesearch.pruning.budget import round_to_grid
 from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.masks import NM
 from prunesearch.pruning.stats import ColumnStats
@@ -65,8 +66,6 @@ class FixedModel:
             return list(cand.ratios)
         ratios = resolve(cand.allocation, self.sparsity)
         if self.nm is not None:
-            from prunesearch.pruning.budget import round_to_grid
-
             ratios = round_to_grid(ratios, self.layout.unit_sizes(False), self.sparsity, self.nm.m)
         return block_to_units(ratios, cand.split)
 

@@ -1,7 +1,7 @@
 """The evaluator as a Ray actor.
 
 Each actor holds one model. Ray does not restart an actor that dies (the pool starts a
-replacement and the driver re-runs its trial: workers/pool.py). The actor reports intermediate
+replacement and the driver re-runs its trial: search/pool.py). The actor reports intermediate
 values straight into the study database, so an Optuna pruner can stop a hopeless trial between
 batches without a round trip through the driver.
 """
@@ -11,6 +11,12 @@ from __future__ import annotations
 import logging
 import os
 
+import optuna
+
+from prunesearch.models.families import decoder_blocks
+from prunesearch.search.storage import open_storage
+from prunesearch.search.study import make_pruner, prunes
+from prunesearch.workers.evaluator import Evaluator
 from prunesearch.workers.result import TrialResult
 
 log = logging.getLogger(__name__)
@@ -18,15 +24,11 @@ log = logging.getLogger(__name__)
 
 class EvaluatorActor:
     def __init__(self, cfg: dict, storage_url: str, study_name: str, threads: int | None = None, dense: dict | None = None):
-        from prunesearch.workers.evaluator import Evaluator
-
         self.evaluator = Evaluator(cfg, threads=threads, dense=dense)
         self.storage_url, self.study_name = storage_url, study_name
         self._study = None
 
     def ready(self) -> dict:
-        from prunesearch.models.families import decoder_blocks
-
         ev = self.evaluator
         return {"pid": os.getpid(), "worker": self.worker, "startup_s": ev.startup_s, "device": str(ev.device), "layout": ev.layout.to_dict(),
                 "stages": ev.stages, "dense_cached": ev.dense_cached,
@@ -42,11 +44,6 @@ class EvaluatorActor:
     def _open_study(self):
         """The study, for intermediate values; None (with a warning) where the database cannot be reached."""
         if self._study is None:
-            import optuna
-
-            from prunesearch.search.storage import open_storage
-            from prunesearch.search.study import make_pruner
-
             try:
                 self._study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url, create=False),
                                                 pruner=make_pruner(self.evaluator.cfg))
@@ -57,11 +54,7 @@ class EvaluatorActor:
 
     def evaluate(self, trial_id: int | None, candidate: dict) -> TrialResult:
         on_batch = None
-        from prunesearch.search.study import prunes
-
         if trial_id is not None and prunes(self.evaluator.cfg) and self._open_study() is not None:
-            import optuna
-
             trial = optuna.Trial(self._open_study(), trial_id)
 
             def on_batch(step: int, value: float) -> bool:

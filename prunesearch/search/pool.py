@@ -20,6 +20,7 @@ import time
 
 from prunesearch.config import StudyConfig, WorkersConfig
 from prunesearch.errors import UserError
+from prunesearch.search.actor import EvaluatorActor
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,6 @@ class EvaluatorPool:
 
     def __init__(self, cfg: StudyConfig, storage_url: str, study_name: str):
         import ray
-
-        from prunesearch.workers.actor import EvaluatorActor
 
         w = cfg.workers
         self._remote = ray.remote(max_restarts=0, max_task_retries=0)(EvaluatorActor)
