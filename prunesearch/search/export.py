@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
+from prunesearch.pruning.metrics import is_solver
 from prunesearch.search import attrs
 from prunesearch.spaces import Candidate, kept_bits
 
@@ -146,7 +147,7 @@ def llmcompressor_recipe(cfg: StudyConfig, trial: FrozenTrial, block_class: str,
     """An llm-compressor recipe: Wanda (or SparseGPT for OBS-style metrics) with per-layer sparsity."""
     cand = trial_candidate(cfg, trial)
     structure = "0:0" if cfg.pruning.structure == "unstructured" else cfg.pruning.structure
-    modifier = "SparseGPTModifier" if (cand.metric or cfg.pruning.metric).startswith("sparsegpt") else "WandaPruningModifier"
+    modifier = "SparseGPTModifier" if is_solver(cand.metric or cfg.pruning.metric) else "WandaPruningModifier"
     if cand.split:
         per_linear = {}
         for name in linear_names:
