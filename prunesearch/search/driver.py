@@ -73,6 +73,31 @@ def enqueue_baselines(study: optuna.Study, cfg: StudyConfig, space, resolve) -> 
     return names
 
 
+def _already_done(cfg: StudyConfig, name: str) -> RunSummary | None:
+    """The summary of an existing study (same config) that already holds its target and has
+    nothing running, read without writing; None when there is work to do (or no such study)."""
+    try:
+        storage = open_storage(cfg.storage, readonly=True)
+        if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+            return None
+    except UserError:
+        return None  # no database or no schema yet: the launch creates them
+    study = optuna.load_study(study_name=name, storage=storage)
+    if study.user_attrs.get(attrs.CONFIG_HASH) != cfg.study_hash():
+        return None  # create_or_check refuses or replaces it
+    finished, running = _finished_and_running(study)
+    if finished < cfg.search.trials or running:
+        return None
+    return _summary(study, name, 0.0, "trials")
+
+
+def _summary(study: optuna.Study, name: str, elapsed_s: float, stopped_by: str) -> RunSummary:
+    trials = study.get_trials(deepcopy=False)
+    return RunSummary(name, count_finished(study), sum(t.state == TrialState.COMPLETE for t in trials),
+                      sum(t.state == TrialState.PRUNED for t in trials), sum(t.state == TrialState.FAIL for t in trials),
+                      _best(study), elapsed_s, stopped_by)
+
+
 def _best(study: optuna.Study) -> list[float] | None:
     try:
         if len(study.directions) == 1:
@@ -160,6 +185,10 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummar
     # a dead driver's trials: re-run by TPE; NSGA-III's replay re-evaluates the missing individuals itself
     on_stale = None if evolutionary else requeue
     check_storage(cfg.storage)  # read-only: a foreign or read-only file is refused before anything is written
+    done = _already_done(cfg, name)
+    if done is not None:  # nothing to run: say so without starting Ray or loading the model
+        say(f"study {name} already holds {done.finished} finished trials (target {cfg.search.trials}): nothing to run")
+        return done
     t = time.perf_counter()
     started_ray = start_ray(cfg.workers)
     if started_ray:
@@ -207,10 +236,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummar
             pool.shutdown()
         if started_ray:
             ray.shutdown()
-    trials = study.get_trials(deepcopy=False)
-    return RunSummary(name, count_finished(study), sum(t.state == TrialState.COMPLETE for t in trials),
-                      sum(t.state == TrialState.PRUNED for t in trials), sum(t.state == TrialState.FAIL for t in trials),
-                      _best(study), time.perf_counter() - t0, stopped_by)
+    return _summary(study, name, time.perf_counter() - t0, stopped_by)
 
 
 def _ready_line(info: list[dict], seconds: float) -> str:
