@@ -20,11 +20,13 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from prunesearch.cache import cache_dir
 from prunesearch.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
 
 BUILTIN_CORPORA = {
     "wikipedia": "English Wikipedia excerpt from gensim's test data (~105 articles, ~480k words), markup stripped",
@@ -39,7 +41,15 @@ PARSER_VERSION = "4"  # bump when the parsing below changes, so cached corpora a
 _OFFLINE_HINT = (f"use a built-in offline corpus ({', '.join(BUILTIN_CORPORA)}) or a local "
                  f"{'/'.join(sorted(set(FILE_BUILDERS)))} file")
 
-datasets.disable_progress_bars()
+
+
+def _datasets():
+    """The ``datasets`` library, imported on first use: it costs a second, and a run whose token
+    streams are cached (every check before a job starts) never needs it."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
 
 
 def _gensim_file(name: str) -> Path:
@@ -105,9 +115,9 @@ def _builtin(name: str) -> datasets.Dataset:
     cached = cache_dir("corpora") / f"{corpus_fingerprint(name).replace(':', '-')}.parquet"
     if not cached.exists():
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        datasets.Dataset.from_dict({"text": _builtin_documents(name)}).to_parquet(str(tmp))
+        _datasets().Dataset.from_dict({"text": _builtin_documents(name)}).to_parquet(str(tmp))
         tmp.replace(cached)
-    return datasets.Dataset.from_parquet(str(cached), cache_dir=str(cache_dir("datasets")))
+    return _datasets().Dataset.from_parquet(str(cached), cache_dir=str(cache_dir("datasets")))
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -135,7 +145,7 @@ def _local(path: Path, text_field: str) -> datasets.Dataset:
         if not any(c.strip() for c in contents):
             raise UserError(f"text source '{path}' holds no text: give a file with some documents in it")
         kwargs["sample_by"] = "paragraph" if any(b"\n\n" in c.strip() for c in contents) else "line"
-    ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train",
+    ds = _datasets().load_dataset(builder, data_files=[str(p) for p in files], split="train",
                                cache_dir=str(cache_dir("datasets")), **kwargs)
     return _text_column(ds, text_field, str(path))
 
@@ -156,7 +166,7 @@ def _looks_like_path(source: str) -> bool:
 def _hub(source: str, text_field: str) -> datasets.Dataset:
     name, config, split = (source.split(":", 2) + [None, None])[:3]
     try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
+        ds = _datasets().load_dataset(name, config or None, split=split or "train")
     except Exception as exc:  # offline, unknown name, gated, bad config: all the same to the user
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise UserError(f"text source '{source}' is not a built-in corpus or a local file, and the Hugging Face hub "
