@@ -130,3 +130,22 @@ def test_a_live_trial_and_a_fresh_one_are_left_alone(tmp_path):
     with storage.engine.connect() as conn:
         assert conn.execute(sqlalchemy.select(trials.c.state).where(trials.c.trial_id == beating._trial_id)).scalar() \
             == TrialState.RUNNING
+
+
+def test_a_queued_retry_is_retired_once_and_a_second_retirer_backs_off(tmp_path):
+    """Retiring is a compare-and-set too: a retry another driver already retired (or ran) is
+    left alone, with no error, instead of being failed twice (UpdateFinishedTrialError)."""
+    from prunesearch.search import attrs
+    from prunesearch.search.dispatch import transition
+    from prunesearch.search.driver import _retire_queued_retries
+    from prunesearch.search.storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 'retire.db'}"
+    study = optuna.create_study(study_name="r", storage=open_storage(url))
+    study.enqueue_trial({"x": 0.5}, user_attrs={attrs.RETRY_OF: 0})
+    other = optuna.load_study(study_name="r", storage=open_storage(url, create=False))  # a second driver
+    (queued,) = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert transition(other._storage._backend.engine, queued._trial_id, TrialState.WAITING, TrialState.FAIL)
+    assert not transition(other._storage._backend.engine, queued._trial_id, TrialState.WAITING, TrialState.FAIL)
+    assert _retire_queued_retries(study, 0) == 0  # the first driver finds nothing left to retire, and no error
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.FAIL]

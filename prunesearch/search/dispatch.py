@@ -136,20 +136,25 @@ def fail_stale(study: optuna.Study, grace_s: float, on_stale: Callable | None, m
 
 
 def _fail_if_running(engine: sqlalchemy.Engine, trial_id: int) -> bool:
-    """RUNNING -> FAIL as a compare-and-set: True for the one caller whose UPDATE changed the row.
+    """RUNNING -> FAIL, won by exactly one caller (see ``transition``)."""
+    return transition(engine, trial_id, TrialState.RUNNING, TrialState.FAIL)
+
+
+def transition(engine: sqlalchemy.Engine, trial_id: int, old: TrialState, new: TrialState) -> bool:
+    """``old`` -> ``new`` as a compare-and-set: True for the one caller whose UPDATE changed the row.
 
     PostgreSQL row-locks it and re-checks the WHERE after a concurrent update; SQLite evaluates
     the WHERE under its database write lock (the UPDATE is the first statement of its transaction,
     so the busy handler waits for the lock and then reads the latest state). The cached storage
-    always re-reads unfinished trials, so the study sees FAIL at its next read."""
+    always re-reads unfinished trials, so the study sees the new state at its next read."""
     from optuna.storages._rdb import models
 
     trials = models.TrialModel.__table__
-    done = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)  # Optuna stores naive UTC
+    values = {"state": new}
+    if new.is_finished():
+        values["datetime_complete"] = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)  # naive UTC
     with engine.begin() as conn:
-        result = conn.execute(trials.update()
-                              .where(trials.c.trial_id == trial_id, trials.c.state == TrialState.RUNNING)
-                              .values(state=TrialState.FAIL, datetime_complete=done))
+        result = conn.execute(trials.update().where(trials.c.trial_id == trial_id, trials.c.state == old).values(**values))
         return result.rowcount == 1
 
 

@@ -26,7 +26,7 @@ from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.search import attrs
 from prunesearch.preflight import check_study
-from prunesearch.search.dispatch import DRIVER, Dispatcher, fail_stale, requeue
+from prunesearch.search.dispatch import DRIVER, Dispatcher, fail_stale, requeue, transition
 from prunesearch.search.pool import EvaluatorPool, start_ray
 from prunesearch.search.storage import check_storage, claim_sqlite, mask_url, open_storage
 from prunesearch.search.study import create_or_check, make_sampler
@@ -129,21 +129,20 @@ def _retire_queued_retries(study: optuna.Study, target: int) -> int:
     """A study that holds its target needs no queued retries (put back by a surplus trial while
     another driver's trials were still running): the last driver out fails them as surplus, so
     nothing is left waiting. While another driver still runs trials (it may have a larger
-    target), they stay. Claiming one (WAITING -> RUNNING) fails if another driver got it first."""
+    target), they stay. WAITING -> FAIL is one compare-and-set, so of two drivers retiring the
+    same retry at once exactly one does (on SQLite too)."""
     if count_finished(study) < target or count_running(study):
         return 0
     storage, n = study._storage, 0
+    engine = getattr(storage, "_backend", storage).engine  # Optuna wraps RDBStorage in a cache
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if attrs.RETRY_OF not in t.user_attrs:
             continue
         try:
-            if not storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                continue
+            storage.set_trial_user_attr(t._trial_id, attrs.SURPLUS, True)  # why it ends as FAIL
         except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another driver retired or failed it meanwhile
-        storage.set_trial_user_attr(t._trial_id, attrs.SURPLUS, True)
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        n += 1
+            continue  # another driver retired or ran it meanwhile
+        n += transition(engine, t._trial_id, TrialState.WAITING, TrialState.FAIL)
     return n
 
 
