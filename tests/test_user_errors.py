@@ -43,13 +43,13 @@ def no_slow_work(monkeypatch):
     """Loading weights, starting Ray or evaluators fails the test: the error must come first."""
     import prunesearch.models.loading as loading
     import prunesearch.prune_job as prune_job
-    import prunesearch.search.pool as pool
+    import prunesearch.search.driver as driver  # patched where they are used: it imports them by name
 
     def tripwire(*_a, **_k):
         raise AssertionError("slow work started before the mistake was reported")
 
-    for module, name in ((loading, "load_model"), (prune_job, "load_model"), (pool, "start_ray"),
-                         (pool, "EvaluatorPool")):
+    for module, name in ((loading, "load_model"), (prune_job, "load_model"), (driver, "start_ray"),
+                         (driver, "EvaluatorPool")):
         monkeypatch.setattr(module, name, tripwire)
 
 
@@ -110,9 +110,9 @@ def test_stale_ray_state_does_not_break_launch_and_sigterm_leaves_it_resumable(t
 
 
 def test_unreachable_cluster_is_one_line_after_a_bounded_wait_and_creates_nothing(tmp_path, capsys, monkeypatch):
-    import prunesearch.search.pool as pool
+    import prunesearch.search.driver as driver
 
-    monkeypatch.setattr(pool, "EvaluatorPool", lambda *a, **k: pytest.fail("no evaluator may start"))
+    monkeypatch.setattr(driver, "EvaluatorPool", lambda *a, **k: pytest.fail("no evaluator may start"))
     cfg = study_config(tmp_path, workers={"count": 1, "num_cpus": 1, "connect_timeout_s": 2})
     t0 = time.time()
     code, _, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--address", "127.0.0.9:6399"], capsys)
