@@ -99,15 +99,6 @@ def default_model_dir() -> Path:
     return target
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-    return model, tokenizer
-
-
 _hub_state: dict[str, bool] = {}
 
 
@@ -214,20 +205,22 @@ def _hub_error(spec: str, exc: Exception, offline: bool) -> UserError:
     return UserError(f"cannot load model '{spec}': not a local path, and the hub gave: {str(exc).splitlines()[0]}")
 
 
-def _auto_from(auto_cls, spec: str, trust_remote_code: bool, what: str):
+def _auto_from(auto_cls, spec: str, trust_remote_code: bool, what: str, located: tuple[str, str] | None = None,
+               **kwargs):
     """``auto_cls.from_pretrained`` for any model spec (a GGUF file, a directory, a hub id: from
-    the local cache only when the hub cannot be reached), its failures as one line."""
-    kind, source = locate(spec)
+    the local cache only when the hub cannot be reached), its failures as one line. ``located``:
+    the spec's ``locate()``, when the caller has it already (it reads the weights' headers)."""
+    kind, source = located or locate(spec)
     try:
         if kind == "gguf":
             p = Path(source)
-            return auto_cls.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code)
+            return auto_cls.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code, **kwargs)
         offline = kind == "hub" and not hub_reachable()
-        return auto_cls.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline)
+        return auto_cls.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline, **kwargs)
     except (OSError, ValueError) as exc:
         if kind == "hub":
             raise _hub_error(spec, exc, not hub_reachable()) from None
-        raise UserError(f"cannot read the {what} of model '{spec}': {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot read the {what} of model '{spec}' ({source}): {str(exc).strip().splitlines()[0][:200]}") from None
 
 
 def load_config(spec: str, trust_remote_code: bool = False):
@@ -286,20 +279,16 @@ def load_model(
     max_layers: int | None = None,
 ) -> LoadedModel:
     """Load ``spec``: ``default``, a ``.gguf`` file, a local HF directory or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    kind, source = locate(spec)
-    try:
-        if kind == "gguf":
-            model, tokenizer = _load_gguf(Path(source), torch_dtype, trust_remote_code)
-        else:
-            offline = kind == "hub" and not hub_reachable()
-            trust = trust_remote_code and spec != DEFAULT_MODEL
-            model, tokenizer = _from_pretrained(source, torch_dtype, trust, local_only=offline)
-    except (OSError, ValueError) as exc:
-        if kind == "hub":
-            raise _hub_error(spec, exc, not hub_reachable()) from None
-        raise UserError(f"cannot load model '{spec}' from {source}: {str(exc).strip().splitlines()[0][:200]}") from None
+    trust = trust_remote_code and spec != DEFAULT_MODEL
+    kind, source = located = locate(spec)
+    model = _auto_from(AutoModelForCausalLM, spec, trust, "weights", located, dtype=torch_dtype)
+    tokenizer = _auto_from(AutoTokenizer, spec, trust, "tokenizer", located)
+    if kind == "gguf":
+        _strip_gguf_quantizer(model)  # dequantized on load; the quantizer would refuse save_pretrained
     if max_layers is not None:
         truncate_layers(model, max_layers)
     model.to(dev).eval()

@@ -154,15 +154,19 @@ def _prepare_sqlite(url: sqlalchemy.URL, create: bool, readonly: bool) -> sqlalc
     return url
 
 
+def _parsed(url: str) -> sqlalchemy.URL:
+    """The storage URL parsed, its password from the environment; malformed is a UserError."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise UserError(describe_storage_url(url)) from None
+    return _with_password(parsed)
+
+
 def check_storage(url: str) -> None:
     """What a driver's ``open_storage`` would refuse, found without writing anything: a malformed
     URL, a password in it, another application's SQLite file, a read-only file or folder."""
-    try:
-        parsed = _with_password(make_url(url))
-    except UserError:
-        raise
-    except Exception:
-        raise UserError(describe_storage_url(url)) from None
+    parsed = _parsed(url)
     if parsed.get_backend_name() == "sqlite":
         _checked_sqlite_path(parsed, create=True, readonly=False)
 
@@ -183,11 +187,7 @@ def open_storage(url: str, *, create: bool = True, readonly: bool = False, heart
     than the grace period belongs to a dead driver (search/dispatch.py fails it exactly once).
     """
     create = create and not readonly
-    try:
-        parsed = make_url(url)
-    except Exception:
-        raise UserError(describe_storage_url(url)) from None
-    parsed = _with_password(parsed)
+    parsed = _parsed(url)
     engine_kwargs: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         parsed = _prepare_sqlite(parsed, create, readonly)
