@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from prunesearch.data import token_sequences
+from prunesearch.data.texts import calibration_pool, evaluation_texts
 from prunesearch.errors import UserError
 from prunesearch.models.families import prunable_linears
 from prunesearch.models.loading import load_tokenizer, meta_model, resolve_device, resolve_dtype
@@ -45,16 +45,11 @@ def check_model(m, local_device: bool = True) -> nn.Module:
 
 
 def check_texts(m, calibration, evaluation) -> None:
-    """Calibration (the whole selection pool) and held-out text hold the requested sequences."""
+    """Calibration (the whole selection pool) and held-out text hold the requested sequences:
+    cut exactly as the job cuts them (tokens cached on disk)."""
     tokenizer = load_tokenizer(m.name, m.trust_remote_code)
-    c = calibration
-    pool = c.samples * (c.pool if c.select != "none" else 1)
-    token_sequences(tokenizer, c.source, n_samples=pool, seq_len=c.seq_len, seed=c.seed, split="calibration",
-                    text_field=c.text_field)
-    if evaluation is not None:
-        e = evaluation
-        token_sequences(tokenizer, e.source, n_samples=e.samples, seq_len=e.seq_len, seed=e.seed, split="evaluation",
-                        text_field=e.text_field, contiguous=True)
+    calibration_pool(tokenizer, calibration)
+    evaluation_texts(tokenizer, evaluation)
 
 
 def _check_removal(n_blocks: int, remove: int, what: str) -> None:

@@ -34,15 +34,22 @@ def evaluation_texts(tokenizer, evaluation: DataConfig | None) -> torch.Tensor |
                            text_field=e.text_field, contiguous=True)
 
 
+def calibration_pool(tokenizer, calibration: DataConfig) -> torch.Tensor:
+    """The calibration windows drawn from the source: the samples themselves, or with
+    ``select`` the samples x pool candidates they are chosen from."""
+    c = calibration
+    n = c.samples * (c.pool if c.select != "none" else 1)
+    return token_sequences(tokenizer, c.source, n_samples=n, seq_len=c.seq_len, seed=c.seed, split="calibration",
+                           text_field=c.text_field)
+
+
 def calibration_texts(tokenizer, calibration: DataConfig, model=None) -> tuple[torch.Tensor, dict | None]:
     """The calibration sequences, and what the selection did (None without one)."""
     c = calibration
     if c.select == "none":
-        return token_sequences(tokenizer, c.source, n_samples=c.samples, seq_len=c.seq_len, seed=c.seed,
-                               split="calibration", text_field=c.text_field), None
+        return calibration_pool(tokenizer, c), None
     if c.select != "random" and model is None:
         raise UserError(f"calibration select '{c.select}' embeds the candidates with the model: none was given")
-    pool = token_sequences(tokenizer, c.source, n_samples=c.samples * c.pool, seq_len=c.seq_len, seed=c.seed,
-                           split="calibration", text_field=c.text_field)
-    chosen, info = select_calibration(model, pool, c.samples, c.select, seed=c.seed, batch_size=c.batch_size)
+    chosen, info = select_calibration(model, calibration_pool(tokenizer, c), c.samples, c.select, seed=c.seed,
+                                      batch_size=c.batch_size)
     return chosen, info
