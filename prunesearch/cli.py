@@ -252,6 +252,8 @@ def _run(cfg, quiet: bool) -> None:
 
     summary = run_study(cfg, progress=not quiet, say=say)
     Console().print(_summary_line(summary), highlight=False, soft_wrap=True)
+    if (saved := summary.evaluation_line()) is not None:
+        Console().print(saved, highlight=False, soft_wrap=True)
     if summary.stopped_by == "interrupt":
         sys.exit(130)
 

@@ -273,7 +273,15 @@ class SearchConfig(Strict):
     timeout_s: float | None = Field(None, gt=0, description="stop asking for new trials after this many seconds")
     seed: int = 0
     n_startup_trials: int = Field(8, ge=0)
-    pruner: Literal["median", "none"] = "median"
+    pruner: Literal["median", "none"] = Field(
+        "median", description="median: a trial whose running value after an early stage (search.stages) is worse than "
+                              "the median of the complete trials at that stage stops there (PRUNED); none: every trial "
+                              "runs every prompt. A trial that ran every stage is COMPLETE")
+    stages: list[int] | None = Field(
+        None, description="prompt counts after which a trial reports its running value and the pruner may stop it; the "
+                          "last stage, all reconstruction_samples prompts, always runs to the end. Default: 2, 4, 8, ... "
+                          "below reconstruction_samples")
+    pruner_warmup: int = Field(5, ge=0, description="complete trials (baselines included) before the pruner stops any")
     patience: int | None = Field(None, ge=1, description="stop after this many finished trials without a new best")
     baselines: list[Literal["uniform", "owl", "wanda", "ria"]] = Field(
         ["uniform", "owl"], description="enqueued first (nsga3: seeded into the first population; default wanda, ria, owl)")
@@ -397,9 +405,19 @@ class StudyConfig(Strict):
             if self.pruning.structure not in ("", "unstructured"):
                 raise ValueError(f"space.remove_layers needs unstructured pruning: the budget left to the kept blocks, "
                                  f"(S N - R_k) / (N - R_k), is in general not on the {self.pruning.structure} grid")
+        stages = self.search.stages
+        if stages is not None and (any(not 0 < n < self.reconstruction_samples for n in stages) or stages != sorted(set(stages))):
+            raise ValueError(f"search.stages {stages} must be increasing prompt counts below reconstruction_samples "
+                             f"({self.reconstruction_samples}): the last stage, every prompt, is implied")
         if self.search.pruner == "median" and len(self.objectives) > 1:
             self.search.pruner = "none"  # Optuna prunes single-objective studies only
         return self
+
+    def stage_prompts(self) -> list[int]:
+        """The prompt counts of the evaluation stages, the last one every reconstruction prompt."""
+        n = self.reconstruction_samples
+        stages = self.search.stages if self.search.stages is not None else [2**k for k in range(1, n.bit_length()) if 2**k < n]
+        return [*stages, n]
 
     def study_hash(self) -> str:
         """What defines the study: everything but budgets, storage, naming and where workers run.

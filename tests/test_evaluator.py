@@ -1,5 +1,5 @@
 """The worker's evaluator: rank-based masks equal the engine's, the dense side is cached,
-an Optuna pruner can stop a trial between batches, KV bits change the objectives."""
+an Optuna pruner can stop a trial after an early evaluation stage, KV bits change the objectives."""
 
 import pytest
 import torch
@@ -55,16 +55,34 @@ def test_the_dense_side_is_computed_once_and_reused(ev, monkeypatch):
         torch.testing.assert_close(again.stats[name].wanda_norm, st.wanda_norm)
 
 
-def test_a_pruner_can_stop_a_trial_between_batches(ev):
+def test_a_pruner_can_stop_a_trial_after_an_early_stage_never_after_the_last(ev):
+    """6 prompts run in stages 2, 4, 6: the pruner is asked after 2 and 4 only, so a trial that ran
+    them all is complete whatever the pruner would say; a stopped one records the prompts it ran."""
+    assert ev.cfg.stage_prompts() == [2, 4, 6]
     seen = []
-    res = ev.evaluate(Candidate(ratios=[0.6, 0.6]), on_batch=lambda step, value: seen.append((step, value)) or step == 1)
-    assert res.pruned and [s for s, _ in seen] == [0, 1]
-    full = ev.evaluate(Candidate(ratios=[0.6, 0.6]))
-    assert not full.pruned and seen[0][1] > 0
-    # the running value is scaled to the whole prompt set: the last step equals the final value
-    steps = []
-    ev.evaluate(Candidate(ratios=[0.6, 0.6]), on_batch=lambda step, value: steps.append(value) and False)
-    assert steps[-1] == pytest.approx(full.named["frobenius"])
+    res = ev.evaluate(Candidate(ratios=[0.6, 0.6]), on_stage=lambda n, value: seen.append((n, value)) or n == 4)
+    assert res.pruned and res.prompts == 4 and [n for n, _ in seen] == [2, 4] and res.values is None
+    always = []
+    full = ev.evaluate(Candidate(ratios=[0.6, 0.6]), on_stage=lambda n, value: always.append(n) or True)
+    assert always == [2] and full.pruned  # True after the first stage stops it there
+    full = ev.evaluate(Candidate(ratios=[0.6, 0.6]), on_stage=lambda n, value: False)
+    assert not full.pruned and full.prompts == 6 and full.named["frobenius"] > 0
+
+
+def test_a_stage_value_is_the_error_on_its_prompts(ev):
+    """The running Frobenius value after 2 prompts is the error on those 2 prompts, scaled to the
+    whole set (so stages compare across candidates); the staged pass ends at the unstaged value."""
+    from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
+
+    ev.apply(Candidate(ratios=[0.5, 0.7]))
+    staged = {}
+    final = reconstruction_error(ev.model, ev.ref, stages=[2, 4], on_stage=lambda n, run: staged.update({n: run}) and False)
+    whole = reconstruction_error(ev.model, ev.ref)
+    assert final == pytest.approx(whole, rel=1e-9)
+    first_two = DenseReference(ev.ref.ids[:2], ev.ref.hidden[:2], ev.ref.gram, ev.ref.batch_size)
+    two = reconstruction_error(ev.model, first_two)
+    assert staged[2]["frobenius"] == pytest.approx(two["frobenius"] * (6 / 2) ** 0.5, rel=1e-9)
+    assert staged[2]["kl"] == pytest.approx(two["kl"], rel=1e-9) and staged[2]["kl"] != pytest.approx(whole["kl"])
 
 
 def test_kv_bits_change_the_error_and_the_bytes(ev):

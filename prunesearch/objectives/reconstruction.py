@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -45,40 +45,57 @@ def _softcapped(model: nn.Module) -> bool:
     return bool(getattr(model.config, "final_logit_softcapping", None))
 
 
-OnBatch = Callable[[int, dict[str, float]], bool]
+OnStage = Callable[[int, dict[str, float]], bool]
+
+
+def stage_ends(n_prompts: int, stages: Sequence[int] = ()) -> list[int]:
+    """Prompt counts after which a staged pass reports: the ``stages`` below ``n_prompts``, then
+    all of them (the last stage, after which nothing is stopped)."""
+    return sorted({s for s in stages if 0 < s < n_prompts}) + [n_prompts]
 
 
 @torch.no_grad()
-def reconstruction_error(model: nn.Module, ref: DenseReference, kl: bool = True, on_batch: OnBatch | None = None) -> dict[str, float] | None:
+def reconstruction_error(model: nn.Module, ref: DenseReference, kl: bool = True, stages: Sequence[int] = (),
+                         on_stage: OnStage | None = None) -> dict[str, float] | None:
     """Frobenius norm of the logit difference (absolute and relative to the dense logits) and the
     mean KL(dense || pruned) of next-token distributions, over every prompt token.
 
-    ``on_batch(step, running)`` sees the running values after each batch, scaled to the whole
-    prompt set so that steps compare across candidates; if it returns True the evaluation stops
-    early and the result is None (an Optuna pruner's verdict).
+    Staged (``stages``, prompt counts): after the first ``s`` prompts of every stage but the last,
+    ``on_stage(s, running)`` sees the values so far, the Frobenius norm scaled to the whole prompt
+    set so that a stage compares across candidates; if it returns True the pass stops there and
+    the result is None (an Optuna pruner's verdict). The last stage always runs to the end.
     """
-    sq, kl_sum, n_tokens = 0.0, 0.0, 0
-    n_total = ref.ids.shape[0] * ref.ids.shape[1]
-    for step, start in enumerate(range(0, ref.ids.shape[0], ref.batch_size)):
-        ids = ref.ids[start : start + ref.batch_size]
-        h_p = final_hidden(model, ids).float()
-        h_p = h_p.reshape(-1, h_p.shape[-1])
-        h_d = ref.hidden[start : start + ref.batch_size].reshape(-1, h_p.shape[-1]).to(h_p.device)
-        if not _softcapped(model):
-            delta = (h_p - h_d).double()
-            sq += ((delta @ ref.gram.to(delta.device)) * delta).sum().item()
-        if kl or _softcapped(model):
-            for c in range(0, h_p.shape[0], TOKEN_CHUNK):
-                lp = logits_from_hidden(model, h_p[c : c + TOKEN_CHUNK])
-                ld = logits_from_hidden(model, h_d[c : c + TOKEN_CHUNK])
-                if _softcapped(model):
-                    sq += (lp - ld).double().square().sum().item()
-                if kl:
-                    kl_sum += _kl_sum(lp, ld)
-        n_tokens += h_p.shape[0]
-        if on_batch is not None and on_batch(step, _summary(sq * n_total / n_tokens, kl_sum, n_tokens, ref, kl)):
+    sq, kl_sum, n_tokens, start = 0.0, 0.0, 0, 0
+    n_prompts, n_total = ref.ids.shape[0], ref.ids.shape[0] * ref.ids.shape[1]
+    for end in stage_ends(n_prompts, stages if on_stage is not None else ()):
+        for b in range(start, end, ref.batch_size):
+            stop = min(b + ref.batch_size, end)
+            d_sq, d_kl, d_n = _batch_error(model, ref, b, stop, kl)
+            sq, kl_sum, n_tokens = sq + d_sq, kl_sum + d_kl, n_tokens + d_n
+        start = end
+        if end < n_prompts and on_stage(end, _summary(sq * n_total / n_tokens, kl_sum, n_tokens, ref, kl)):
             return None
     return _summary(sq, kl_sum, n_tokens, ref, kl)
+
+
+def _batch_error(model: nn.Module, ref: DenseReference, start: int, stop: int, kl: bool) -> tuple[float, float, int]:
+    """Squared Frobenius error, summed KL and token count of prompts ``start:stop``."""
+    sq, kl_sum = 0.0, 0.0
+    h_p = final_hidden(model, ref.ids[start:stop]).float()
+    h_p = h_p.reshape(-1, h_p.shape[-1])
+    h_d = ref.hidden[start:stop].reshape(-1, h_p.shape[-1]).to(h_p.device)
+    if not _softcapped(model):
+        delta = (h_p - h_d).double()
+        sq += ((delta @ ref.gram.to(delta.device)) * delta).sum().item()
+    if kl or _softcapped(model):
+        for c in range(0, h_p.shape[0], TOKEN_CHUNK):
+            lp = logits_from_hidden(model, h_p[c : c + TOKEN_CHUNK])
+            ld = logits_from_hidden(model, h_d[c : c + TOKEN_CHUNK])
+            if _softcapped(model):
+                sq += (lp - ld).double().square().sum().item()
+            if kl:
+                kl_sum += _kl_sum(lp, ld)
+    return sq, kl_sum, h_p.shape[0]
 
 
 def _kl_sum(logits_p: torch.Tensor, logits_d: torch.Tensor) -> float:

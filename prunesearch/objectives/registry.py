@@ -7,7 +7,7 @@ follow from the candidate alone. Adding an objective is one registered function 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
@@ -98,14 +98,15 @@ def directions(names: list[str]) -> list[str]:
     return [objective(n).direction for n in names]
 
 
-def reconstruction_pass(model: nn.Module, ref: DenseReference, names: list[str],
-                        on_batch: Callable[[int, float], bool] | None = None) -> dict[str, float] | None:
+def reconstruction_pass(model: nn.Module, ref: DenseReference, names: list[str], stages: Sequence[int] = (),
+                        on_stage: Callable[[int, float], bool] | None = None) -> dict[str, float] | None:
     """The one pass over the reconstruction prompts that the forward objectives among ``names``
     read ({} when none is asked; KL only when asked). When the first objective is a forward one,
-    ``on_batch(step, its running value)`` may stop the pass early: the result is then None."""
+    the pass runs in ``stages`` (prompt counts) and ``on_stage(prompts, its running value)``
+    may stop it after any stage but the last: the result is then None."""
     if not any(objective(n).kind == "forward" for n in names):
         return {}
     hook = None
-    if on_batch is not None and objective(names[0]).kind == "forward":
-        hook = lambda step, running: on_batch(step, running[names[0]])  # noqa: E731
-    return reconstruction_error(model, ref, kl="kl" in names, on_batch=hook)
+    if on_stage is not None and objective(names[0]).kind == "forward":
+        hook = lambda prompts, running: on_stage(prompts, running[names[0]])  # noqa: E731
+    return reconstruction_error(model, ref, kl="kl" in names, stages=stages, on_stage=hook)

@@ -2,8 +2,8 @@
 
 Each actor holds one model. Ray does not restart an actor that dies (the pool starts a
 replacement and the driver re-runs its trial: search/pool.py). The actor reports intermediate
-values straight into the study database, so an Optuna pruner can stop a hopeless trial between
-batches without a round trip through the driver.
+values straight into the study database after each evaluation stage, so an Optuna pruner can
+stop a hopeless trial after a few prompts without a round trip through the driver.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import optuna
 
 from prunesearch.models.families import decoder_blocks
 from prunesearch.search.storage import open_storage
-from prunesearch.search.study import make_pruner, prunes
+from prunesearch.search.study import make_pruner, prunes, stage_reporter
 from prunesearch.workers.evaluator import Evaluator
 from prunesearch.workers.result import TrialResult
 
@@ -53,15 +53,10 @@ class EvaluatorActor:
         return self._study or None
 
     def evaluate(self, trial_id: int | None, candidate: dict) -> TrialResult:
-        on_batch = None
+        on_stage = None
         if trial_id is not None and prunes(self.evaluator.cfg) and self._open_study() is not None:
-            trial = optuna.Trial(self._open_study(), trial_id)
-
-            def on_batch(step: int, value: float) -> bool:
-                trial.report(value, step)
-                return trial.should_prune()
-
-        result = self.evaluator.evaluate(candidate, on_batch)
+            on_stage = stage_reporter(optuna.Trial(self._open_study(), trial_id))
+        result = self.evaluator.evaluate(candidate, on_stage)
         result.worker = self.worker
         return result
 

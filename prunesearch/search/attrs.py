@@ -22,6 +22,7 @@ KEPT_SPARSITY = "kept_sparsity"  # the kept blocks' budget (a study that searche
 METRIC = "metric"  # the metric the masks came from
 OBJECTIVE_VALUES = "objectives"  # objective name -> value
 TIMINGS = "timings"
+PROMPTS = "prompts"  # reconstruction prompts it ran (a pruned trial: up to the stage it stopped after)
 
 # ---------------------------------------------------------------- on a trial: how it came about and ended
 DRIVER = "driver"  # host:pid of the driver that ran it
@@ -56,11 +57,13 @@ def record_result(trial: optuna.Trial, result: TrialResult) -> None:
         trial.set_user_attr(REMOVED_BLOCKS, result.removed_blocks)
     if result.kept_sparsity is not None:
         trial.set_user_attr(KEPT_SPARSITY, result.kept_sparsity)
+    if result.prompts is not None:
+        trial.set_user_attr(PROMPTS, result.prompts)
+    trial.set_user_attr(TIMINGS, result.timings)
     if result.pruned:
         return
     trial.set_user_attr(METRIC, result.metric)
     trial.set_user_attr(OBJECTIVE_VALUES, result.named)
-    trial.set_user_attr(TIMINGS, result.timings)
 
 
 def objective_names(study: optuna.Study, placeholders: bool = True) -> list[str]:

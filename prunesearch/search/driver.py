@@ -46,6 +46,15 @@ class RunSummary:
     best_values: list[float] | None
     elapsed_s: float
     stopped_by: str
+    prompts_run: int = 0  # reconstruction prompts the finished trials ran (a pruned one: up to its stage)
+    prompts_full: int = 0  # what they would have run without early stopping
+
+    def evaluation_line(self) -> str | None:
+        """How much evaluation early stopping saved, counted from what the trials ran."""
+        if not self.pruned or not self.prompts_full:
+            return None
+        return (f"{self.pruned} trial{'s' if self.pruned > 1 else ''} stopped early: {self.prompts_run:,} of "
+                f"{self.prompts_full:,} reconstruction prompts run ({self.prompts_run / self.prompts_full:.0%})")
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -93,9 +102,12 @@ def _already_done(cfg: StudyConfig, name: str) -> RunSummary | None:
 
 def _summary(study: optuna.Study, name: str, elapsed_s: float, stopped_by: str) -> RunSummary:
     trials = study.get_trials(deepcopy=False)
-    return RunSummary(name, count_finished(study), sum(t.state == TrialState.COMPLETE for t in trials),
+    finished = [t for t in trials if t.state in FINISHED]
+    full = study.user_attrs.get(attrs.CONFIG, {}).get("reconstruction_samples", 0)
+    run = sum(t.user_attrs.get(attrs.PROMPTS, full) for t in finished)  # counted: a trial records what it ran
+    return RunSummary(name, len(finished), sum(t.state == TrialState.COMPLETE for t in trials),
                       sum(t.state == TrialState.PRUNED for t in trials), sum(t.state == TrialState.FAIL for t in trials),
-                      _best(study), elapsed_s, stopped_by)
+                      _best(study), elapsed_s, stopped_by, run, full * len(finished))
 
 
 def _best(study: optuna.Study) -> list[float] | None:

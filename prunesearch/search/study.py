@@ -42,9 +42,23 @@ def prunes(cfg: StudyConfig) -> bool:
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    """Median over the complete trials at the same stage (a step is a prompt count). The pruner
+    is asked only after the early stages (``StudyConfig.stage_prompts``), never after the last:
+    a trial that ran every prompt is COMPLETE."""
     if prunes(cfg):
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.search.pruner_warmup, n_warmup_steps=0)
     return optuna.pruners.NopPruner()
+
+
+def stage_reporter(trial: optuna.Trial):
+    """``on_stage(prompts, running value)`` for the evaluator: report the stage to the study, and
+    say whether the study's pruner stops the trial there."""
+
+    def on_stage(prompts: int, value: float) -> bool:
+        trial.report(value, prompts)
+        return trial.should_prune()
+
+    return on_stage
 
 
 def create_or_check(cfg: StudyConfig, name: str, storage: optuna.storages.RDBStorage) -> tuple[optuna.Study, str]:

@@ -40,7 +40,7 @@ from prunesearch.workers.result import TrialResult
 from prunesearch.workers.searched_removal import SearchedRemoval
 from prunesearch.workers.trial_model import FixedModel, TrialModel
 
-OnBatch = Callable[[int, float], bool]
+OnStage = Callable[[int, float], bool]  # (prompts run, running primary value) -> stop?
 
 
 class Evaluator:
@@ -155,9 +155,10 @@ class Evaluator:
         return self.cfg.kv_cache.model_copy(update={"bits": bits})
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, cand: Candidate | dict, on_batch: OnBatch | None = None) -> TrialResult:
-        """Objective values of one candidate. ``on_batch(step, running primary value)`` may stop
-        it early (returns True): the result then says ``pruned``."""
+    def evaluate(self, cand: Candidate | dict, on_stage: OnStage | None = None) -> TrialResult:
+        """Objective values of one candidate. With ``on_stage(prompts, running primary value)`` the
+        reconstruction prompts run in the study's stages and it may stop the candidate after an
+        early one (returns True): the result then says ``pruned``, and how many prompts it ran."""
         cand = Candidate.from_dict(cand) if isinstance(cand, dict) else cand
         t0 = time.perf_counter()
         switch_s = self.trial_model.prepare(cand)  # None: the model stayed as it was
@@ -165,15 +166,22 @@ class Evaluator:
         t_mask = time.perf_counter() - t0
         removed, kept = self.trial_model.removed_blocks, self.trial_model.kept_sparsity  # what the export pins
         names, kv = self.cfg.objectives, self.kv_settings(cand)
+        ran = [0]  # prompts of the last stage reported
+
+        def staged(prompts: int, value: float) -> bool:
+            ran[0] = prompts
+            return on_stage(prompts, value)
+
         with kv_context(self.model, kv):
-            forward = reconstruction_pass(self.model, self.ref, names, on_batch)
+            forward = reconstruction_pass(self.model, self.ref, names, self.cfg.stage_prompts()[:-1],
+                                          staged if on_stage is not None else None)
+            timings = {"mask_s": t_mask, **({"switch_s": switch_s} if switch_s is not None else {})}  # mask_s includes it
             if forward is None:
-                return TrialResult(ratios, achieved, pruned=True, removed_blocks=removed, kept_sparsity=kept)
+                return TrialResult(ratios, achieved, pruned=True, prompts=ran[0], removed_blocks=removed, kept_sparsity=kept,
+                                   timings={**timings, "total_s": time.perf_counter() - t0})
             inputs = ObjectiveInputs(self.model, achieved, self.cfg.pruning.sparsity, kv.bits, self.kv_quant, forward,
                                      self.held_out, self.cfg.evaluation)
             values = {n: objective(n).compute(inputs) for n in names}
         return TrialResult(ratios, achieved, values=[values[n] for n in names], named=values,
-                           metric=cand.metric or self.cfg.pruning.metric,
-                           timings={"mask_s": t_mask, "total_s": time.perf_counter() - t0,
-                                    **({"switch_s": switch_s} if switch_s is not None else {})},  # mask_s includes it
-                           removed_blocks=removed, kept_sparsity=kept)
+                           metric=cand.metric or self.cfg.pruning.metric, prompts=self.ref.ids.shape[0] if forward else None,
+                           timings={**timings, "total_s": time.perf_counter() - t0}, removed_blocks=removed, kept_sparsity=kept)

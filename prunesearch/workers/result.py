@@ -14,6 +14,7 @@ class TrialResult:
     ratios: list[float]  # per unit of the model the trial ran on (with removed blocks: the kept units only)
     achieved: float  # share of the prunable weights pruned (removed blocks counted as pruned)
     pruned: bool = False  # stopped early by the study's pruner: no values
+    prompts: int | None = None  # reconstruction prompts it ran (a pruned trial: those of the stage it stopped after)
     values: list[float] | None = None  # in the study's objective order
     named: dict[str, float] | None = None  # objective name -> value
     metric: str | None = None  # the metric the masks came from
