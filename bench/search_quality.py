@@ -21,6 +21,14 @@ and OWL enqueued first), and at each checkpoint the best trial so far (by the se
 is scored on held-out perplexity. Meant for an accelerator, where a trial takes tens of ms.
 
     python bench/search_quality.py --curve 600 [--checkpoints 25 50 100 200 400 600]
+
+With ``--staging N`` it measures what staged evaluation saves: the study's sampler runs N trials
+in-process twice per seed, once with every trial on every reconstruction prompt (pruner none) and
+once staged (the config's stages and median pruner, pruned trials counting toward N as in a
+study); per run the evaluation seconds, the prompts run, the best value and its held-out
+perplexity, and how long each run took to first reach the other's final best.
+
+    python bench/search_quality.py --staging 40 [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -78,7 +86,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="override the config's model (e.g. a .gguf path)")
     ap.add_argument("--calibration", default=None, help="override the calibration source")
     ap.add_argument("--evaluation", default="lee", help="held-out text for perplexity")
+    ap.add_argument("--staging", type=int, default=0, help="trials per run of the staged-evaluation comparison")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = ap.parse_args()
+    if args.staging:
+        return staging_main(args)
     if args.curve:
         return curve_main(args)
     if args.nsga3:
@@ -97,7 +109,7 @@ def main() -> None:
 
     def score(cand: Candidate) -> tuple[float, float]:
         res = ev.evaluate(cand)
-        return res["named"][cfg.objectives[0]], perplexity(ev.model, held_out)
+        return res.named[cfg.objectives[0]], perplexity(ev.model, held_out)
 
     rows = []
     with timer(times, "baselines"):
@@ -170,8 +182,8 @@ def curve_main(args) -> None:
             t = time.perf_counter()
             trial = study.ask()
             res = ev.evaluate(space.suggest(trial))
-            trial.set_user_attr("ratios", res["ratios"])
-            study.tell(trial, res["named"][objective])
+            trial.set_user_attr("ratios", res.ratios)
+            study.tell(trial, res.named[objective])
             search_s += time.perf_counter() - t
             if n in checkpoints:
                 best = study.best_trial
@@ -179,6 +191,57 @@ def curve_main(args) -> None:
                 ppl = perplexity(ev.model, held_out)
                 label = best.user_attrs.get("baseline", best.number)
                 print(f"| {name} | {n} | {best.value:.4g} | {ppl:,.1f} | {label} | {search_s:.0f} |", flush=True)
+
+
+def staging_main(args) -> None:
+    """Every prompt for every trial vs staged evaluation with early stopping, same sampler and seed."""
+    import torch
+
+    from prunesearch.search.study import make_pruner, make_sampler, stage_reporter
+    from prunesearch.spaces import make_study_space
+    from prunesearch.workers.evaluator import Evaluator
+
+    cfg = bench_config(args)
+    ev = Evaluator(cfg)
+    held_out = held_out_ids(ev, cfg, args)
+    space = make_study_space(cfg, ev.layout)
+    objective = cfg.objectives[0]
+    print(f"# {cfg.model.name}, {cfg.pruning.metric} at {cfg.pruning.sparsity:.0%}, space {cfg.space.name}, sampler "
+          f"{cfg.search.sampler}, objective {objective} on {cfg.reconstruction_samples} prompts x {cfg.calibration.seq_len} "
+          f"tokens, stages {cfg.stage_prompts()}, median pruner after {cfg.search.pruner_warmup} complete trials; "
+          f"{args.staging} trials per run; CPU threads {torch.get_num_threads()}")
+    print(f"| seed | evaluation | pruned | prompts run | eval s | best {objective} | held-out ppl | s to reach the other's best |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for seed in args.seeds:
+        runs = {}
+        for staged in (False, True):
+            cfg.search.seed, cfg.search.pruner = seed, "median" if staged else "none"
+            study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+            for baseline in cfg.search.baselines:
+                study.enqueue_trial(space.encode({"name": baseline, "params": {}}, None, ev.resolve))
+            eval_s, prompts, curve = 0.0, 0, []  # curve: (seconds so far, best so far)
+            for _ in range(args.staging):
+                trial = study.ask()
+                t = time.perf_counter()
+                res = ev.evaluate(space.suggest(trial), stage_reporter(trial) if staged else None)
+                eval_s += time.perf_counter() - t
+                prompts += res.prompts
+                trial.set_user_attr("ratios", res.ratios)
+                if res.pruned:
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                else:
+                    study.tell(trial, res.named[objective])
+                curve.append((eval_s, study.best_value))
+            best = study.best_trial
+            ev.apply(Candidate(ratios=best.user_attrs["ratios"], split=cfg.space.split_attn_mlp))
+            runs[staged] = (eval_s, prompts, curve, best.value, perplexity(ev.model, held_out),
+                            sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials))
+        for staged in (False, True):
+            eval_s, prompts, curve, best, ppl, n_pruned = runs[staged]
+            other = runs[not staged][3]
+            reach = next((f"{s:.0f}" for s, b in curve if b <= other), "never")
+            print(f"| {seed} | {'staged, median pruner' if staged else 'every prompt'} | {n_pruned} | {prompts} | "
+                  f"{eval_s:.0f} | {best:.4g} | {ppl:,.1f} | {reach} |", flush=True)
 
 
 def nsga3_main(args) -> None:

@@ -87,8 +87,8 @@ def main() -> None:
     trial_s, mask_s = [], []
     for cand in cands[1:]:
         res = ev.evaluate(cand)
-        trial_s.append(res["timings"]["total_s"])
-        mask_s.append(res["timings"]["mask_s"])
+        trial_s.append(res.timings["total_s"])
+        mask_s.append(res.timings["mask_s"])
     peak = peak_rss_mb()
     ev.masker.restore()
     dense_s = dense_forward_s(ev.model, ev.ref.ids, ev.ref.batch_size)
