@@ -264,12 +264,15 @@ class SpaceConfig(Strict):
         return sorted(v)
 
 
-VECTOR_SAMPLERS = {"nsga3"}  # samplers that evolve vectors: they need a VectorSpace (spaces/spaces.py)
+VECTOR_SAMPLERS = {"nsga3": "optishear", "evo": "levels"}  # samplers that evolve vectors, and the VectorSpace each evolves
 
 
 class SearchConfig(Strict):
-    sampler: Literal["tpe", "random", "nsga3"] = Field("tpe", description="tpe (Optuna), random, or nsga3 (pymoo; needs the optishear space)")
-    trials: int = Field(40, ge=1, description="finished (complete or pruned) trials the study ends with; nsga3: evaluations")
+    sampler: Literal["tpe", "random", "nsga3", "evo"] = Field(
+        "tpe", description="tpe (Optuna), random, nsga3 (pymoo; the optishear space), or evo (budget-exact evolution "
+                           "with staged selection, EvoPress's design; the levels space)")
+    trials: int = Field(40, ge=1, description="finished (complete or pruned) trials the study ends with; nsga3 and "
+                                              "evo: evaluations (evo: a screening stage's evaluation counts as one)")
     timeout_s: float | None = Field(None, gt=0, description="stop asking for new trials after this many seconds")
     seed: int = 0
     n_startup_trials: int = Field(8, ge=0)
@@ -286,6 +289,10 @@ class SearchConfig(Strict):
     baselines: list[Literal["uniform", "owl", "wanda", "ria"]] = Field(
         ["uniform", "owl"], description="enqueued first (nsga3: seeded into the first population; default wanda, ria, owl)")
     population: int = Field(50, ge=2, description="nsga3: individuals per generation")
+    offspring: int = Field(16, ge=1, description="evo: children of the parent per generation, all scored at the first stage")
+    survivors: list[int] | None = Field(
+        None, description="evo: children kept after each stage but the last for the next stage's prompts, decreasing "
+                          "(the best one after the last stage challenges the parent); default a quarter per stage")
     ref_partitions: int = Field(3, ge=1, description="nsga3: Das-Dennis partitions of the reference directions")
     heartbeat_s: int = Field(10, ge=1, description="drivers record a heartbeat for their running trials this often")
     grace_s: int = Field(60, ge=2, description="a running trial without a heartbeat for this long belongs to a dead "
@@ -299,10 +306,12 @@ class SearchConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _nsga3_defaults(cls, data: Any) -> Any:
+    def _evolution_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("sampler") == "nsga3":
             # seeds: Wanda, the RIA-like point, OWL; and no early stopping: a generation needs every value
             data = {"baselines": ["wanda", "ria", "owl"], **data, "pruner": "none"}
+        if isinstance(data, dict) and data.get("sampler") == "evo":
+            data = {**data, "pruner": "none"}  # evo stops children itself, by its staged selection
         return data
 
 
@@ -388,9 +397,15 @@ class StudyConfig(Strict):
         space = SPACES.get(self.space.name).fn
         vector = lambda c: issubclass(c, VectorSpace)  # noqa: E731
         evolves = self.search.sampler in VECTOR_SAMPLERS
-        if evolves and not vector(space):
-            raise ValueError(f"the {self.search.sampler} sampler evolves a discrete space: set space.name to "
-                             f"{' or '.join(space_names(vector))} (not {self.space.name})")
+        if evolves and self.space.name != VECTOR_SAMPLERS[self.search.sampler]:
+            raise ValueError(f"the {self.search.sampler} sampler evolves the {VECTOR_SAMPLERS[self.search.sampler]} "
+                             f"space: set space.name to {VECTOR_SAMPLERS[self.search.sampler]} (not {self.space.name})")
+        if not evolves and vector(space) and self.space.name == "levels":
+            raise ValueError("the levels space is evolved by the evo sampler: set search.sampler to evo")
+        if self.search.sampler == "evo":
+            self._check_evo()
+        if self.space.name == "levels" and self.space.params.get("granularity") == "half" and not self.space.split_attn_mlp:
+            self.space.split_attn_mlp = True  # what the export and the report read the trials' ratios by
         if not space.searches_metric and {"wanda", "ria"} & set(self.search.baselines):
             raise ValueError(f"the baselines wanda and ria name a metric: only the "
                              f"{' or '.join(space_names(lambda c: c.searches_metric))} space searches the metric")
@@ -412,6 +427,18 @@ class StudyConfig(Strict):
         if self.search.pruner == "median" and len(self.objectives) > 1:
             self.search.pruner = "none"  # Optuna prunes single-objective studies only
         return self
+
+    def _check_evo(self) -> None:
+        if len(self.objectives) != 1 or OBJECTIVES.get(self.objectives[0]).meta["kind"] != "forward":
+            raise ValueError(f"the evo sampler ranks children on one reconstruction objective (frobenius, "
+                             f"frobenius_rel or kl), not {self.objectives}")
+        n_stages, s = len(self.stage_prompts()), self.search
+        if s.survivors is None:
+            s.survivors = [max(1, s.offspring // 4 ** (k + 1)) for k in range(n_stages - 1)]
+        if len(s.survivors) != n_stages - 1 or any(not 1 <= k <= s.offspring for k in s.survivors) \
+                or s.survivors != sorted(s.survivors, reverse=True):
+            raise ValueError(f"search.survivors {s.survivors}: one count per stage but the last ({n_stages - 1} for "
+                             f"stages {self.stage_prompts()}), non-increasing, each in 1..offspring ({s.offspring})")
 
     def stage_prompts(self) -> list[int]:
         """The prompt counts of the evaluation stages, the last one every reconstruction prompt."""

@@ -33,11 +33,12 @@ INTERRUPTED = "interrupted"  # failed by Ctrl-C (re-queued)
 ERROR = "error"  # failed by the candidate's own error: the message
 WORKER_LOST = "worker_lost"  # failed because its actor or node died (re-run)
 
-# ---------------------------------------------------------------- on a trial: NSGA-III's individual
+# ---------------------------------------------------------------- on a trial: an evolutionary individual (NSGA-III, evo)
 GENERATION = "generation"
 INDIVIDUAL = "individual"  # index in its generation
 VECTOR = "x"  # the integer genes
 LAST_ATTEMPT = "last_attempt"  # the individual's second try: a failure scores it as the worst
+STAGE = "stage"  # evo: the evaluation stage it was scored at (0 = fewest prompts; the last = every prompt)
 
 # ---------------------------------------------------------------- on the study
 CONFIG = "config"  # the config it was launched with (storage left out)

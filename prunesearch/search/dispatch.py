@@ -259,7 +259,9 @@ class Dispatcher:
             return Outcome(trial, tag, "lost" if dead else "failed")
         attrs.record_result(trial, result)
         if result.pruned:
+            if result.screened:  # a screening stage: its value on the prompts it ran, as Optuna records a stop
+                trial.report(result.partial, result.prompts)
             study.tell(trial, state=TrialState.PRUNED)
-            return Outcome(trial, tag, "pruned")
+            return Outcome(trial, tag, "pruned", [result.partial] if result.partial is not None else None)
         study.tell(trial, result.values)
         return Outcome(trial, tag, "complete", result.values)

@@ -159,7 +159,7 @@ def _retire_queued_retries(study: optuna.Study, target: int) -> int:
 
 
 def _wait_for_other_drivers(study: optuna.Study, cfg: StudyConfig) -> None:
-    """An NSGA-III study takes one driver: wait for the trials of one that just died to go stale
+    """An evolutionary study (NSGA-III, evo) takes one driver: wait for the trials of one that just died to go stale
     (at most the grace period); trials that keep their heartbeat belong to a live driver."""
     # SQLite stamps heartbeats to the second: a dead driver's last beat may look up to 2 s younger
     deadline = time.monotonic() + cfg.search.grace_s + 3 * cfg.search.heartbeat_s + 5
@@ -170,7 +170,7 @@ def _wait_for_other_drivers(study: optuna.Study, cfg: StudyConfig) -> None:
     while running:
         if time.monotonic() > deadline:
             raise UserError(f"study '{study.study_name}' is being run by another driver (its trials keep their "
-                            "heartbeat): an NSGA-III study takes one driver at a time")
+                            "heartbeat): an evolutionary study (nsga3, evo) takes one driver at a time")
         time.sleep(1.0)
         fail_stale(study, cfg.search.grace_s, None, set())
         running = count_running(study)
@@ -192,8 +192,8 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummar
     say(f"study {name} in {mask_url(cfg.storage)}: {cfg.search.trials} trials, objectives {', '.join(cfg.objectives)}")
     say(f"checked config, model and text: {checked.blocks} decoder blocks, {checked.prunable_weights / 1e6:,.1f}M "
         f"prunable weights ({checked.seconds:.1f}s)")
-    evolutionary = cfg.search.sampler == "nsga3"
-    # a dead driver's trials: re-run by TPE; NSGA-III's replay re-evaluates the missing individuals itself
+    evolutionary = cfg.search.sampler in ("nsga3", "evo")
+    # a dead driver's trials: re-run by TPE; an evolution's replay re-evaluates the missing individuals itself
     on_stale = None if evolutionary else requeue
     check_storage(cfg.storage)  # read-only: a foreign or read-only file is refused before anything is written
     done = _already_done(cfg, name)
@@ -231,9 +231,10 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummar
         resolve = lambda alloc: ray.get(pool.actors[0].resolve.remote(alloc))  # noqa: E731
         with _progress(study, cfg, progress) as (ctrl_c, bar):
             if evolutionary:
-                from prunesearch.search.nsga3 import evolve, seed_vectors
+                from prunesearch.search import evo, nsga3
 
-                seeds = seed_vectors(study, cfg, space, resolve)
+                seeds = nsga3.seed_vectors(study, cfg, space, resolve)
+                evolve = evo.evolve if cfg.search.sampler == "evo" else nsga3.evolve
                 stopped_by = evolve(study, cfg, space, dispatcher, seeds, t0, ctrl_c, bar)
             else:
                 # the creator enqueues them (a second driver joining must not); or a resume, if it died first

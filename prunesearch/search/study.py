@@ -24,10 +24,10 @@ def make_sampler(cfg: StudyConfig, salt: int = 0) -> optuna.samplers.BaseSampler
     (two drivers with one seed would sample the same trials)."""
     s = cfg.search
     seed = (s.seed + salt) % 2**32
-    if s.sampler == "nsga3":
+    if s.sampler in ("nsga3", "evo"):
         from prunesearch.search.nsga3 import FixedParamsSampler
 
-        return FixedParamsSampler()  # pymoo chooses the individuals; the trial records them
+        return FixedParamsSampler()  # the evolution chooses the individuals; the trial records them
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():

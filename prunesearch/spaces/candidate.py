@@ -21,6 +21,8 @@ from typing import Any
 class Candidate:
     ratios: list[float] | None = None  # per unit; len = blocks, or 2 * blocks when split
     split: bool = False  # units are [attn_0, mlp_0, attn_1, mlp_1, ...]
+    per_linear: bool = False  # units are the prunable linears, block by block (ModelLayout.linear_sizes)
+    prompts: int | None = None  # score on the first N reconstruction prompts only (a screening stage); None: all
     allocation: dict[str, Any] | None = None  # {"name": "owl", "params": {...}} when ratios is None
     kv_bits: list[int] | None = None  # per decoder layer
     metric: str | None = None  # None: the study's metric

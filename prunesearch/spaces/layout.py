@@ -15,13 +15,16 @@ class ModelLayout:
     n_blocks: int
     attn_sizes: tuple[int, ...]  # prunable weights per block, attention part
     mlp_sizes: tuple[int, ...]
+    linear_sizes: tuple[int, ...] = ()  # per prunable linear, in the model's order (block by block)
+    linear_blocks: tuple[int, ...] = ()  # the block of each
 
     @classmethod
     def of(cls, linears: list[PrunableLinear]) -> "ModelLayout":
         blocks = linears_by_block(linears)
         attn = tuple(sum(l.numel for l in b if l.kind == "attn") for b in blocks)
         mlp = tuple(sum(l.numel for l in b if l.kind == "mlp") for b in blocks)
-        return cls(len(blocks), attn, mlp)
+        in_order = [l for b in blocks for l in b]
+        return cls(len(blocks), attn, mlp, tuple(l.numel for l in in_order), tuple(l.block for l in in_order))
 
     def unit_sizes(self, split: bool) -> list[int]:
         if split:
@@ -33,16 +36,24 @@ class ModelLayout:
         return sum(self.attn_sizes) + sum(self.mlp_sizes)
 
     def to_dict(self) -> dict:
-        return {"n_blocks": self.n_blocks, "attn_sizes": list(self.attn_sizes), "mlp_sizes": list(self.mlp_sizes)}
+        return {"n_blocks": self.n_blocks, "attn_sizes": list(self.attn_sizes), "mlp_sizes": list(self.mlp_sizes),
+                "linear_sizes": list(self.linear_sizes), "linear_blocks": list(self.linear_blocks)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelLayout":
-        return cls(d["n_blocks"], tuple(d["attn_sizes"]), tuple(d["mlp_sizes"]))
+        """Also reads a layout recorded before the per-linear sizes were."""
+        return cls(d["n_blocks"], tuple(d["attn_sizes"]), tuple(d["mlp_sizes"]), tuple(d.get("linear_sizes", ())),
+                   tuple(d.get("linear_blocks", ())))
 
 
 def unit_of(lin: PrunableLinear, split: bool) -> int:
-    """Index of the unit a linear layer belongs to."""
+    """Index of the unit (block, or attention / MLP half) a linear layer belongs to."""
     return 2 * lin.block + (lin.kind == "mlp") if split else lin.block
+
+
+def linears_in_order(linears: list[PrunableLinear]) -> list[PrunableLinear]:
+    """The linears in the order of ``ModelLayout.linear_sizes`` (a per-linear candidate's ratios)."""
+    return [l for b in linears_by_block(linears) for l in b]
 
 
 def block_to_units(block_ratios: list[float], split: bool) -> list[float]:

@@ -33,7 +33,7 @@ from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.layer_removal import remove_blocks
 from prunesearch.pruning.masks import parse_structure
 from prunesearch.pruning.stats import ColumnStats
-from prunesearch.spaces import Candidate, ModelLayout, unit_of
+from prunesearch.spaces import Candidate, ModelLayout, linears_in_order, unit_of
 from prunesearch.workers.dense_cache import (from_blob, load_dense, model_fingerprint, model_parts, save_dense, side_key,
                                              to_blob)
 from prunesearch.workers.result import TrialResult
@@ -140,11 +140,17 @@ class Evaluator:
         removal searched: over the full model, the removed blocks counted as pruned)."""
         self.trial_model.prepare(cand)
         ratios = self.trial_model.ratios(cand, self._resolve)
-        n_blocks = len(linears_by_block(self.linears))
-        expected = 2 * n_blocks if cand.split else n_blocks
-        if len(ratios) != expected:
-            raise UserError(f"candidate has {len(ratios)} ratios, the model has {expected} units")
-        per_linear = {l.name: ratios[unit_of(l, cand.split)] for l in self.linears}
+        if cand.per_linear:
+            in_order = linears_in_order(self.linears)
+            if len(ratios) != len(in_order):
+                raise UserError(f"candidate has {len(ratios)} ratios, the model has {len(in_order)} prunable linears")
+            per_linear = {l.name: r for l, r in zip(in_order, ratios)}
+        else:
+            n_blocks = len(linears_by_block(self.linears))
+            expected = 2 * n_blocks if cand.split else n_blocks
+            if len(ratios) != expected:
+                raise UserError(f"candidate has {len(ratios)} ratios, the model has {expected} units")
+            per_linear = {l.name: ratios[unit_of(l, cand.split)] for l in self.linears}
         masked = self.masker.apply(per_linear, cand.metric)
         return ratios, (masked + self.trial_model.removed_weights()) / self.layout.total
 
@@ -158,7 +164,9 @@ class Evaluator:
     def evaluate(self, cand: Candidate | dict, on_stage: OnStage | None = None) -> TrialResult:
         """Objective values of one candidate. With ``on_stage(prompts, running primary value)`` the
         reconstruction prompts run in the study's stages and it may stop the candidate after an
-        early one (returns True): the result then says ``pruned``, and how many prompts it ran."""
+        early one (returns True): the result then says ``pruned``, and how many prompts it ran.
+        A candidate with ``prompts`` (a screening stage) stops after that many: the result is
+        ``screened``, with the running primary value there as ``partial``."""
         cand = Candidate.from_dict(cand) if isinstance(cand, dict) else cand
         t0 = time.perf_counter()
         switch_s = self.trial_model.prepare(cand)  # None: the model stayed as it was
@@ -166,19 +174,21 @@ class Evaluator:
         t_mask = time.perf_counter() - t0
         removed, kept = self.trial_model.removed_blocks, self.trial_model.kept_sparsity  # what the export pins
         names, kv = self.cfg.objectives, self.kv_settings(cand)
-        ran = [0]  # prompts of the last stage reported
+        ran = [0, None]  # prompts and running value of the last stage reported
+        screen = cand.prompts if cand.prompts and cand.prompts < self.ref.ids.shape[0] else None
+        stages = self.cfg.stage_prompts()[:-1] if on_stage is not None else []
 
         def staged(prompts: int, value: float) -> bool:
-            ran[0] = prompts
-            return on_stage(prompts, value)
+            ran[:] = prompts, value
+            return prompts == screen or (on_stage is not None and on_stage(prompts, value))
 
         with kv_context(self.model, kv):
-            forward = reconstruction_pass(self.model, self.ref, names, self.cfg.stage_prompts()[:-1],
-                                          staged if on_stage is not None else None)
+            forward = reconstruction_pass(self.model, self.ref, names, [s for s in stages if s < (screen or 1e9)] +
+                                          ([screen] if screen else []), staged if on_stage or screen else None)
             timings = {"mask_s": t_mask, **({"switch_s": switch_s} if switch_s is not None else {})}  # mask_s includes it
             if forward is None:
-                return TrialResult(ratios, achieved, pruned=True, prompts=ran[0], removed_blocks=removed, kept_sparsity=kept,
-                                   timings={**timings, "total_s": time.perf_counter() - t0})
+                return TrialResult(ratios, achieved, pruned=True, prompts=ran[0], partial=ran[1], screened=ran[0] == screen,
+                                   removed_blocks=removed, kept_sparsity=kept, timings={**timings, "total_s": time.perf_counter() - t0})
             inputs = ObjectiveInputs(self.model, achieved, self.cfg.pruning.sparsity, kv.bits, self.kv_quant, forward,
                                      self.held_out, self.cfg.evaluation)
             values = {n: objective(n).compute(inputs) for n in names}

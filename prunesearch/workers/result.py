@@ -15,6 +15,8 @@ class TrialResult:
     achieved: float  # share of the prunable weights pruned (removed blocks counted as pruned)
     pruned: bool = False  # stopped early by the study's pruner: no values
     prompts: int | None = None  # reconstruction prompts it ran (a pruned trial: those of the stage it stopped after)
+    partial: float | None = None  # a stopped one: the running primary value where it stopped
+    screened: bool = False  # stopped where the candidate asked (an evolutionary screening stage), not by a pruner
     values: list[float] | None = None  # in the study's objective order
     named: dict[str, float] | None = None  # objective name -> value
     metric: str | None = None  # the metric the masks came from
