@@ -20,3 +20,5 @@ def test_the_method_configs_select_their_methods():
     by_name = {p.stem: load_config(StudyConfig, p) for p in CONFIGS}
     assert by_name["ace"].pruning.metric == "ace" and by_name["ace"].calibration.seq_len == 128
     assert by_name["sparsegpt"].pruning.metric == "sparsegpt"
+    assert by_name["evo"].search.sampler == "evo" and by_name["evo"].space.name == "levels"
+    assert [by_name[n].pruning.sparsity for n in ("default-s50", "default-s60", "default")] == [0.5, 0.6, 0.7]
