@@ -373,28 +373,42 @@ def export(
                                           "deviation is an objective, TOL 0.002); or 'trial N'."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     apply: Optional[Path] = typer.Option(None, "--apply", help="Also prune the model with it and save it to this directory."),
+    finish: str = typer.Option("none", "--finish", help="none (default): re-apply the trial exactly (its own metric, "
+                               "one-shot masks: the same objective values). sparsegpt: search fast, reconstruct at the "
+                               "end: prune at the trial's per-block (or attention/MLP) ratios, KV bits and removed "
+                               "blocks, but with SparseGPT's OBS weight update, sequential (each block calibrated on the "
+                               "already pruned blocks' outputs); the masks still remove exactly the trial's counts. "
+                               "Parameters as sparsegpt:damp=0.01,blocksize=128. The trial's objective values no longer "
+                               "describe this model: --apply reports its own perplexity. A study whose metric is already "
+                               "sparsegpt re-applies its own solve (a note says so)."),
     overwrite: bool = typer.Option(False, help="Replace existing output files / --apply directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Write the chosen trial as a pruning config that `prunesearch prune --config` applies exactly."""
+    """Write the chosen trial as a pruning config that `prunesearch prune --config` applies exactly
+    (or, with --finish sparsegpt, at the trial's ratios with SparseGPT's weight update)."""
     from prunesearch.config import PruneConfig, validate
-    from prunesearch.search.export import llmcompressor_recipe, pick_trial, prune_config, write_yaml
+    from prunesearch.search.export import (finish_header, finish_spec, llmcompressor_recipe, own_metric, pick_trial,
+                                           prune_config, resolve_finish, write_yaml)
     from prunesearch.search.study import load_study_config
 
     from prunesearch.preflight import check_output, check_prune
 
+    finish_spec(finish)  # a bad --finish is an error before the study is opened
     recipe_path = out.with_name(out.stem + ".recipe.yaml")
     check_output(out, "file", overwrite, "--out")
     check_output(recipe_path, "file", overwrite, "--out (its recipe)")
     cfg, st = load_study_config(study, storage, readonly=True)
     trial = pick_trial(st, pick)
-    data = prune_config(cfg, trial)
+    solver, note = resolve_finish(cfg, trial, finish)
+    data = prune_config(cfg, trial, solver)
     exported = validate(PruneConfig, data, "exported config")  # never write what prune would refuse
     if apply is not None:
         check_prune(exported, apply, overwrite)  # before anything is written
     names = attrs.objective_names(st, placeholders=False)
     values = ", ".join(f"{n} {v:.6g}" for n, v in zip(names, trial.values))
-    header = f"# prunesearch export: study {study}, trial {trial.number} ({values})\n# apply: prunesearch prune --config {out.name} --out DIR"
+    header = (f"# prunesearch export: study {study}, trial {trial.number} ({values})\n"
+              + (finish_header(cfg, trial, solver) + "\n" if solver else "")
+              + f"# apply: prunesearch prune --config {out.name} --out DIR")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_yaml(out, data, header)
     info = st.user_attrs.get(attrs.MODEL_INFO, {})
@@ -403,15 +417,41 @@ def export(
         Console().print(f"trial {trial.number} ({values}) -> {out} (no llm-compressor recipe: the trial removes "
                         "decoder blocks, which a recipe cannot express)", highlight=False)
     else:
-        recipe = llmcompressor_recipe(cfg, trial, info.get("block_class", "LlamaDecoderLayer"), info.get("linear_names", []))
-        write_yaml(recipe_path, recipe, f"# llm-compressor recipe for study {study}, trial {trial.number}")
+        recipe = llmcompressor_recipe(cfg, trial, info.get("block_class", "LlamaDecoderLayer"), info.get("linear_names", []),
+                                      finish=solver)
+        write_yaml(recipe_path, recipe, f"# llm-compressor recipe for study {study}, trial {trial.number}"
+                                        + (f", finished with {solver}" if solver else ""))
         Console().print(f"trial {trial.number} ({values}) -> {out} and {recipe_path}", highlight=False)
+    if solver:
+        Console().print(f"finish: {solver}, sequential, at trial {trial.number}'s per-block ratios (the values above are "
+                        f"the trial's, measured with {own_metric(cfg, trial)})",
+                        highlight=False, soft_wrap=True)
+    if note:
+        Console().print(note, highlight=False, soft_wrap=True)
     if apply is not None:
         from prunesearch.prune_job import run_prune
 
         _quiet_libraries(quiet)
         report = run_prune(exported, apply, overwrite=overwrite, progress=not quiet)
         _print_prune_report(report, apply)
+        if solver:
+            Console().print("per-block sparsity counted in the pruned model: " + _counted_units(report, cfg.space.split_attn_mlp),
+                            highlight=False, soft_wrap=True)
+
+
+def _counted_units(report: dict, split: bool) -> str:
+    """Per block (or attention/MLP half) of the pruned model: the share of its weights that are
+    zero, from the report's per-layer counts (not the targets)."""
+    zeros: dict[tuple, float] = {}
+    sizes: dict[tuple, int] = {}
+    for layer in report["layers"]:
+        key = (layer["block"], layer["kind"] if split else "")
+        zeros[key] = zeros.get(key, 0) + layer["achieved"] * layer["numel"]
+        sizes[key] = sizes.get(key, 0) + layer["numel"]
+    by_block: dict[int, list[str]] = {}
+    for key in sorted(sizes, key=lambda k: (k[0], k[1] != "attn")):
+        by_block.setdefault(key[0], []).append(f"{zeros[key] / sizes[key]:.4f}")
+    return " ".join("/".join(v) for v in by_block.values())
 
 
 @app.command()

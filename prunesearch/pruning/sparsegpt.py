@@ -34,7 +34,12 @@ def _upper_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 class HessianFactor:
     """What SparseGPT needs of a layer's X^T X, independent of the sparsity: the upper Cholesky
     factor of the damped inverse, and the inputs that were always zero. A study computes it once
-    per layer and reuses it for every trial."""
+    per layer and reuses it for every trial.
+
+    A dead input's weights cost nothing on the calibration data: they go first (saliency 0), but
+    only as many as the layer's count takes; the rest keep their values (their row and column of
+    H, hence of U, are zero off the diagonal: no update reaches them or comes from them), so the
+    layer gains exactly ``count`` zeros, as the budget says (the reference zeroes them all)."""
 
     def __init__(self, xtx: torch.Tensor, damp: float = 0.01, device: torch.device | None = None):
         H = xtx.to(device or xtx.device, torch.float64).clone()
@@ -78,8 +83,8 @@ def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor | HessianFactor, sparsity
         per_group = round(sparsity * nm.m) if count is None else count // (d_out * (d_in // nm.m))
     factor = xtx if isinstance(xtx, HessianFactor) else HessianFactor(xtx, damp, W.device)
     U = factor.U.to(W.device)
+    dead = factor.dead.to(W.device)
     work = W.to(torch.float64).clone()
-    work[:, factor.dead.to(W.device)] = 0.0
     mask = torch.zeros(d_out, d_in, dtype=torch.bool, device=W.device)
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)
@@ -87,7 +92,7 @@ def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor | HessianFactor, sparsity
         diag = U1.diagonal()
         errors = torch.zeros_like(block)
         if nm is None:
-            saliency = block.square() / diag.square()
+            saliency = (block.square() / diag.square()).masked_fill(dead[i1:i2], 0.0)
             k = next(per_block)
             mask1 = lowest_k_along_last(saliency.reshape(-1), k).reshape(saliency.shape)
         else:
@@ -95,7 +100,7 @@ def sparsegpt_prune(W: torch.Tensor, xtx: torch.Tensor | HessianFactor, sparsity
         for i in range(i2 - i1):
             w = block[:, i]
             if nm is not None and i % nm.m == 0:
-                group = block[:, i:i + nm.m].square() / diag[i:i + nm.m].square()
+                group = (block[:, i:i + nm.m].square() / diag[i:i + nm.m].square()).masked_fill(dead[i1 + i:i1 + i + nm.m], 0.0)
                 mask1[:, i:i + nm.m] = lowest_k_along_last(group, per_group)
             q = torch.where(mask1[:, i], 0.0, w)
             err = (w - q) / U1[i, i]

@@ -7,6 +7,12 @@ mode, the trial's per-block ratios as an explicit allocation, and its KV bits. A
 removed blocks exports how many and which (``remove_blocks``: ``prune`` removes those, it does not
 measure the order again) and the kept blocks' ratios; with a searched removal its ``sparsity``
 is the kept blocks' budget, as ``prune`` reads it.
+
+``finish``: a study searches fast with a score metric (masks only), and the export can finish with
+a solver instead (``--finish sparsegpt``): the same per-block ratios, KV bits and removed blocks,
+but pruned by SparseGPT's OBS weight update in sequential mode (each block calibrated on the
+outputs of the blocks already pruned), since searched ratios transfer between metrics
+(OptiShear). The config then no longer reproduces the trial's objective values: its header says so.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
-from prunesearch.pruning.metrics import is_solver
+from prunesearch.pruning.metrics import METRICS, is_solver
 from prunesearch.search import attrs
 from prunesearch.spaces import Candidate, kept_bits
 
@@ -114,7 +120,60 @@ def removed_count(cfg: StudyConfig, trial: FrozenTrial) -> int:
     return cfg.pruning.remove_layers if removed is None else len(removed)
 
 
-def prune_config(cfg: StudyConfig, trial: FrozenTrial) -> dict[str, Any]:
+FINISH_NONE = "none"
+
+
+def own_metric(cfg: StudyConfig, trial: FrozenTrial) -> str:
+    """The metric the trial pruned with: its own (NSGA-III searches it), else the study's."""
+    return trial_candidate(cfg, trial).metric or cfg.pruning.metric
+
+
+def solver_names() -> list[str]:
+    return [n for n in METRICS.names() if METRICS.get(n).meta.get("solver")]
+
+
+def finish_spec(finish: str | None) -> str | None:
+    """``--finish``: None for none, else the solver metric spec (``sparsegpt[:damp=..,blocksize=..]``),
+    its parameters checked. A score metric is refused: it would only re-mask, not reconstruct."""
+    text = (finish or FINISH_NONE).strip()
+    if text.lower() == FINISH_NONE:
+        return None
+    choices = f"{FINISH_NONE} or {', '.join(solver_names())}"
+    name = text.split(":", 1)[0].strip()
+    if name not in METRICS.names():
+        raise UserError(f"--finish {text}: unknown; it takes {choices} (a solver, with parameters as sparsegpt:damp=0.01)")
+    if name not in solver_names():
+        raise UserError(f"--finish {text}: {name} only scores weights, it does not update the kept ones; --finish "
+                        f"takes {choices} (to mask with another score metric, edit pruning.metric in the exported config)")
+    try:
+        METRICS.resolve(text)
+    except UserError as exc:
+        raise UserError(f"--finish {text}: {exc}") from None
+    return text
+
+
+def resolve_finish(cfg: StudyConfig, trial: FrozenTrial, finish: str | None) -> tuple[str | None, str | None]:
+    """The solver the export prunes with (None: the trial's own metric, one-shot) and a note for the
+    user when ``--finish`` changes nothing: a study whose metric already is that solver re-applies
+    the trial's own solve (one-shot, dense-model Hessians, as the trial ran it), which reproduces its
+    values; the same solver with other parameters is refused (edit the exported config instead)."""
+    spec = finish_spec(finish)
+    own = own_metric(cfg, trial)
+    if spec is None or not is_solver(own):
+        return spec, None
+    own_entry, own_params = METRICS.resolve(own)
+    entry, params = METRICS.resolve(spec)
+    if entry.name != own_entry.name or {**entry.params(), **params} != {**own_entry.params(), **own_params}:
+        raise UserError(f"--finish {spec}: the study already prunes with the solver {own}; to re-solve with "
+                        f"other parameters, export without --finish and edit pruning.metric in the config")
+    return None, (f"note: the study already prunes with {own}: --finish {spec} changes nothing, the config "
+                  f"re-applies trial {trial.number}'s own solve (one-shot, as the trial ran it)")
+
+
+def prune_config(cfg: StudyConfig, trial: FrozenTrial, finish: str | None = None) -> dict[str, Any]:
+    """The trial as a pruning config. ``finish`` (a solver spec, from ``resolve_finish``): prune
+    with it, sequential, at the trial's ratios, KV bits and removed blocks, instead of re-applying
+    the trial's own metric one-shot."""
     cand = trial_candidate(cfg, trial)
     if cand.split:
         sparsities = [[cand.ratios[2 * b], cand.ratios[2 * b + 1]] for b in range(len(cand.ratios) // 2)]
@@ -125,12 +184,12 @@ def prune_config(cfg: StudyConfig, trial: FrozenTrial) -> dict[str, Any]:
         "calibration": cfg.calibration.model_dump(mode="json"),
         "evaluation": cfg.evaluation.model_dump(mode="json") if cfg.evaluation else None,
         "pruning": {
-            "metric": cand.metric or cfg.pruning.metric,
+            "metric": finish or cand.metric or cfg.pruning.metric,
             "sparsity": trial.user_attrs.get(attrs.KEPT_SPARSITY, cfg.pruning.sparsity),
             "allocation": {"name": "explicit", "params": {"sparsities": sparsities}},
             "structure": cfg.pruning.structure,
-            "group": cfg.pruning.group,
-            "mode": "one_shot",
+            "group": "auto" if finish else cfg.pruning.group,  # a solver's own: the study's group was for its scores
+            "mode": "sequential" if finish else "one_shot",
             "remove_layers": removed_count(cfg, trial),
             "compensate": cfg.pruning.compensate,
         },
@@ -143,11 +202,21 @@ def prune_config(cfg: StudyConfig, trial: FrozenTrial) -> dict[str, Any]:
     return out
 
 
-def llmcompressor_recipe(cfg: StudyConfig, trial: FrozenTrial, block_class: str, linear_names: list[str]) -> dict:
-    """An llm-compressor recipe: Wanda (or SparseGPT for OBS-style metrics) with per-layer sparsity."""
+def finish_header(cfg: StudyConfig, trial: FrozenTrial, finish: str) -> str:
+    """The exported YAML's comment lines for a finished export: what prunes, and that the trial's
+    values (in the line above them) were measured with the trial's own metric, not this model."""
+    own = own_metric(cfg, trial)
+    return (f"# finish: {finish}, sequential: the trial's per-block ratios, KV bits and removed blocks, pruned with\n"
+            f"#   the solver's weight update instead of the trial's own metric ({own}, one-shot masks); the values\n"
+            f"#   above are the trial's, measured with {own}: this model differs (`export --apply` reports its perplexity)")
+
+
+def llmcompressor_recipe(cfg: StudyConfig, trial: FrozenTrial, block_class: str, linear_names: list[str],
+                         finish: str | None = None) -> dict:
+    """An llm-compressor recipe: Wanda (or SparseGPT for OBS-style metrics and a ``finish``) with per-layer sparsity."""
     cand = trial_candidate(cfg, trial)
     structure = "0:0" if cfg.pruning.structure == "unstructured" else cfg.pruning.structure
-    modifier = "SparseGPTModifier" if is_solver(cand.metric or cfg.pruning.metric) else "WandaPruningModifier"
+    modifier = "SparseGPTModifier" if is_solver(finish or cand.metric or cfg.pruning.metric) else "WandaPruningModifier"
     if cand.split:
         per_linear = {}
         for name in linear_names:
