@@ -29,6 +29,14 @@ study); per run the evaluation seconds, the prompts run, the best value and its 
 perplexity, and how long each run took to first reach the other's final best.
 
     python bench/search_quality.py --staging 40 [--seeds 0 1]
+
+With ``--versus MINUTES`` it races the samplers at the same wall time and threads, each a real
+study through Ray and SQLite: TPE over one ratio per block (configs/default.yaml), and the evo
+sampler (configs/evo.yaml) by block and by linear; at each fraction of the time in
+``--at`` the best trial so far (by the study objective, every prompt) is scored on held-out
+perplexity.
+
+    python bench/search_quality.py --versus 20 [--at 0.25 0.5 1] [--sparsity 0.7]
 """
 
 from __future__ import annotations
@@ -88,9 +96,14 @@ def main() -> None:
     ap.add_argument("--evaluation", default="lee", help="held-out text for perplexity")
     ap.add_argument("--staging", type=int, default=0, help="trials per run of the staged-evaluation comparison")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--versus", type=float, default=0.0, help="minutes per sampler of the TPE / evo race")
+    ap.add_argument("--at", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    ap.add_argument("--sparsity", type=float, default=None, help="override the configs' sparsity")
     args = ap.parse_args()
     if args.staging:
         return staging_main(args)
+    if args.versus:
+        return versus_main(args)
     if args.curve:
         return curve_main(args)
     if args.nsga3:
@@ -242,6 +255,52 @@ def staging_main(args) -> None:
             reach = next((f"{s:.0f}" for s, b in curve if b <= other), "never")
             print(f"| {seed} | {'staged, median pruner' if staged else 'every prompt'} | {n_pruned} | {prompts} | "
                   f"{eval_s:.0f} | {best:.4g} | {ppl:,.1f} | {reach} |", flush=True)
+
+
+def versus_main(args) -> None:
+    """TPE by block vs evo by block and by linear, same wall time: best-so-far held-out perplexity."""
+    import torch
+
+    from prunesearch.search.driver import run_study
+    from prunesearch.workers.evaluator import Evaluator
+
+    base = bench_config(args)
+    base.search.pruner = load_config(StudyConfig, args.config).search.pruner  # TPE as it ships: staged, early stopping
+    if args.sparsity is not None:
+        base.pruning.sparsity = args.sparsity
+    ev = Evaluator(base)
+    held_out = held_out_ids(ev, base, args)
+    runs = [("TPE, block", base)]
+    for granularity in ("block", "linear"):
+        cfg = load_config(StudyConfig, ROOT / "configs" / "evo.yaml")
+        cfg.pruning.sparsity, cfg.objectives = base.pruning.sparsity, base.objectives
+        cfg.space.params = {**cfg.space.params, "granularity": granularity}
+        runs.append((f"evo, {granularity}", StudyConfig.model_validate(cfg.model_dump())))
+    print(f"# SmolLM2-135M, {base.pruning.metric} at {base.pruning.sparsity:.0%}, objective {base.objectives[0]}; "
+          f"{args.versus:g} min per sampler, CPU threads {torch.get_num_threads()}; held-out perplexity on "
+          f"{held_out.numel()} {args.evaluation} tokens of the best trial so far")
+    print("| sampler | minutes | evaluations | best " + base.objectives[0] + " | its held-out perplexity |")
+    print("|---|---:|---:|---:|---:|")
+    for name, cfg in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = cfg.model_copy(deep=True)
+            cfg.storage, cfg.study = f"sqlite:///{tmp}/bench.db", "bench"
+            cfg.search.trials, cfg.search.timeout_s = 100000, args.versus * 60
+            run_study(cfg, progress=False)
+            trials = optuna.load_study(study_name="bench", storage=cfg.storage).get_trials()
+        start = min(t.datetime_start for t in trials if t.datetime_start)
+        for frac in args.at:
+            cut = start.timestamp() + frac * args.versus * 60
+            done = [t for t in trials if t.datetime_complete and t.datetime_complete.timestamp() <= cut]
+            complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
+            if not complete:
+                continue
+            best = min(complete, key=lambda t: (t.value, t.number))
+            ratios = best.user_attrs["ratios"]
+            per_linear = cfg.space.params.get("granularity") == "linear"
+            ev.apply(Candidate(ratios=ratios, split=cfg.space.split_attn_mlp and not per_linear, per_linear=per_linear))
+            print(f"| {name} | {frac * args.versus:.1f} | {len(done)} | {best.value:.4g} | "
+                  f"{perplexity(ev.model, held_out):,.1f} |", flush=True)
 
 
 def nsga3_main(args) -> None:
