@@ -90,3 +90,35 @@ def test_evo_screens_children_keeps_the_best_and_resumes_to_the_same_run(tmp_pat
     code, out, err = run_cli(["resume", "--study", "half", "--storage", half["storage"], "--trials", "24", "--quiet"], capsys)
     assert code == 0, err
     assert runs(load(half)) == runs(study)
+
+
+def test_evo_at_2_4_mixes_n_of_4_per_block_on_the_budget(tmp_path, capsys, ray_session):
+    """Under N:M structure a level is a unit's N of every M (0 = dense): at 2:4's budget a study
+    mixes dense, 1:4, 2:4 and 3:4 blocks, every trial pruning exactly half the weights, and its
+    best exports to a model whose groups of 4 each lose the block's N."""
+    cfg = evo_config(tmp_path, 12)
+    cfg["pruning"] = {"metric": "wanda", "sparsity": 0.5, "structure": "2:4"}
+    cfg["space"] = {"name": "levels", "params": {"granularity": "block"}}
+    cfg["search"]["survivors"] = [2, 1]
+    cfg["model"]["max_layers"] = 3
+    code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
+    assert code == 0, err
+    study = load(cfg)
+    trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    seen = set()
+    for t in trials:
+        assert t.user_attrs["achieved_sparsity"] == pytest.approx(0.5, abs=1e-9)
+        assert all(r * 4 == pytest.approx(round(r * 4)) for r in t.user_attrs["ratios"])
+        seen |= {round(r * 4) for r in t.user_attrs["ratios"]}
+    assert seen > {2}  # blocks other than 2:4 were tried
+    best = study.best_trial
+    out_dir = tmp_path / "pruned"
+    code, out, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(tmp_path / "best.yaml"),
+                              "--apply", str(out_dir), "--quiet"], capsys)
+    assert code == 0, err
+    from prunesearch.models import load_model, prunable_linears
+
+    for lin in prunable_linears(load_model(str(out_dir), device="cpu").model):
+        n = round(best.user_attrs["ratios"][lin.block] * 4)
+        zeros = (lin.weight.reshape(lin.weight.shape[0], -1, 4) == 0).sum(-1)
+        assert (zeros >= n).all() and (zeros == n).float().mean() > 0.99  # a 4-bit model has a few zeros of its own

@@ -2,7 +2,8 @@
 
 A unit is a decoder block, a block's attention or MLP half, or a single linear layer
 (``granularity``). Unit i prunes ``target + step * (x_i - zero)``: gene x_i is a level index and
-``zero`` the level of the budget itself. Units of equal size form a class; a move takes one unit
+``zero`` the level of the budget itself. Under N:M structure the grid is 1/M: a unit's level is
+its N (0 = dense), so a study at 2:4's budget mixes dense, 1:4, 2:4 and 3:4 layers. Units of equal size form a class; a move takes one unit
 of a class one level up and another of the same class one level down, which leaves the pruned
 weight count unchanged, so a point that starts on the budget stays on it exactly, whatever the
 moves (EvoPress's level-swap mutation; search/evo.py makes them).
@@ -33,8 +34,10 @@ class LevelSpace(VectorSpace):
             raise UserError("levels space: split_attn_mlp is granularity half (attention and MLP halves); not with "
                             f"granularity {granularity}")
         super().__init__(layout, target, split_attn_mlp=granularity == "half", **kw)
-        if self.nm_m:
-            raise UserError("the levels space moves sparsity in steps that N:M cannot express: use unstructured pruning")
+        if self.nm_m:  # a level is one more or one fewer pruned weight of every M: N:M per unit, dense (0:M) included
+            if abs(target * self.nm_m - round(target * self.nm_m)) > 1e-9:
+                raise UserError(f"levels space with N:M: the budget {target} must be a multiple of 1/{self.nm_m}")
+            step = 1.0 / self.nm_m
         if self.kv_bits or self.removal:
             raise UserError("the levels space searches sparsity only: set space.kv_bits false and space.remove_layers []")
         if not 0 < step < 0.5:
