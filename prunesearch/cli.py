@@ -152,9 +152,9 @@ def _print_prune_report(report: dict, out: Path | None) -> None:
         table.add_row("mean KL(dense || pruned)", "0", f"{rec['kl']:.4f}")
     table.add_row("sparsity", "0", f"{report['achieved_sparsity']:.4f}")
     out_console.print(table)
-    blocks = " ".join(f"{b['target']:.2f}" if not isinstance(b["target"], list) else "/".join(f"{x:.2f}" for x in b["target"])
-                      for b in report["blocks"])
-    out_console.print(f"per-block sparsity: {blocks}")
+    split = any(isinstance(b["target"], list) for b in report["blocks"])  # [attention, MLP] pairs
+    out_console.print("per-block sparsity" + (" (attention/MLP)" if split else "") + ", counted in the pruned weights: "
+                      + _counted_units(report, split), soft_wrap=True)
     pruned, total, goal = report["pruned_weights"], report["prunable_weights"], report["target_weights"]
     budget = f"round({report['target_sparsity']} x {total:,})"
     if pruned == goal:
@@ -400,7 +400,7 @@ def export(
     cfg, st = load_study_config(study, storage, readonly=True)
     trial = pick_trial(st, pick)
     solver, note = resolve_finish(cfg, trial, finish)
-    data = prune_config(cfg, trial, solver)
+    data = prune_config(cfg, trial, solver, st.user_attrs.get(attrs.MODEL_INFO))
     exported = validate(PruneConfig, data, "exported config")  # never write what prune would refuse
     if apply is not None:
         check_prune(exported, apply, overwrite)  # before anything is written
@@ -434,9 +434,6 @@ def export(
         _quiet_libraries(quiet)
         report = run_prune(exported, apply, overwrite=overwrite, progress=not quiet)
         _print_prune_report(report, apply)
-        if solver:
-            Console().print("per-block sparsity counted in the pruned model: " + _counted_units(report, cfg.space.split_attn_mlp),
-                            highlight=False, soft_wrap=True)
 
 
 def _counted_units(report: dict, split: bool) -> str:

@@ -122,3 +122,30 @@ def test_evo_at_2_4_mixes_n_of_4_per_block_on_the_budget(tmp_path, capsys, ray_s
         n = round(best.user_attrs["ratios"][lin.block] * 4)
         zeros = (lin.weight.reshape(lin.weight.shape[0], -1, 4) == 0).sum(-1)
         assert (zeros >= n).all() and (zeros == n).float().mean() > 0.99  # a 4-bit model has a few zeros of its own
+
+
+def test_evo_by_linear_exports_one_ratio_per_named_linear(tmp_path, capsys, ray_session):
+    """granularity linear: a unit per prunable linear (7 per LLaMA block); the export writes each
+    block's ratios by the linears' names, and `prune --config` prunes each linear its own count."""
+    cfg = evo_config(tmp_path, 8)
+    cfg["space"] = {"name": "levels", "params": {"granularity": "linear", "step": 0.05}}
+    code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
+    assert code == 0, err
+    study = load(cfg)
+    best = study.best_trial
+    ratios = best.user_attrs["ratios"]
+    assert len(ratios) == 14  # 7 linears x 2 blocks
+    exported = tmp_path / "best.yaml"
+    code, out, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(exported),
+                              "--apply", str(tmp_path / "pruned"), "--quiet"], capsys)
+    assert code == 0, err
+    import yaml
+
+    blocks = yaml.safe_load(exported.read_text())["pruning"]["allocation"]["params"]["sparsities"]
+    assert [sorted(b) for b in blocks] == [sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                   "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])] * 2
+    assert [r for b in blocks for r in b.values()] == pytest.approx(ratios)  # in the model's order
+    report = yaml.safe_load((tmp_path / "pruned" / "prune_report.json").read_text())
+    for layer, r in zip(report["layers"], ratios):
+        assert abs(layer["pruned"] - r * layer["numel"]) <= 1  # each linear its own count
+    assert report["reconstruction"]["pruned"]["kl"] == pytest.approx(best.value, rel=1e-4)  # the trial, reproduced

@@ -101,7 +101,7 @@ def test_finish_sparsegpt_prunes_the_trials_ratios_with_obs_updates(wanda_study,
     # what the user reads: the perplexity row, the counted sparsity, the counted per-unit ratios
     assert re.search(r"perplexity \(lee, 4 x 64 tokens\)\s+\S+\s+[\d,.]+", out), out
     assert re.search(rf"sparsity\W+0\W+{zeros / total:.4f}", out), out
-    counted = out.split("per-block sparsity counted in the pruned model: ")[1].split()[:2]
+    counted = out.split("per-block sparsity (attention/MLP), counted in the pruned weights: ")[1].split()[:2]
     for b, units in enumerate(counted):
         attn, mlp = (float(x) for x in units.split("/"))
         assert attn == pytest.approx(pairs[b][0], abs=1e-4) and mlp == pytest.approx(pairs[b][1], abs=1e-4)

@@ -73,6 +73,11 @@ class PrunableLinear:
     module: nn.Module
 
     @property
+    def local_name(self) -> str:
+        """Its name within its block (``self_attn.q_proj``): how a per-linear allocation names it."""
+        return self.name.split(f".{self.block}.", 1)[-1]
+
+    @property
     def weight(self) -> torch.Tensor:
         w = self.module.weight.data
         return w.t() if isinstance(self.module, Conv1D) else w

@@ -109,7 +109,23 @@ def trial_candidate(cfg: StudyConfig, trial: FrozenTrial) -> Candidate:
     kv = [int(trial.params[k]) for k in sorted(trial.params) if k.startswith("kv")] or None
     if kv and cfg.space.remove_layers:  # chosen per block of the full model: the removed ones keep no cache
         kv = kept_bits(kv, trial.user_attrs.get(attrs.REMOVED_BLOCKS) or [])
-    return Candidate(ratios=ratios, split=cfg.space.split_attn_mlp, kv_bits=kv, metric=trial.user_attrs.get(attrs.METRIC))
+    per_linear = cfg.space.name == "levels" and cfg.space.params.get("granularity") == "linear"
+    return Candidate(ratios=ratios, split=cfg.space.split_attn_mlp and not per_linear, per_linear=per_linear, kv_bits=kv,
+                     metric=trial.user_attrs.get(attrs.METRIC))
+
+
+def per_linear_blocks(ratios: list[float], model_info: dict | None) -> list[dict[str, float]]:
+    """A per-linear trial's ratios as the explicit allocation writes them: per block, the name of
+    each linear within its block (``self_attn.q_proj``) -> its ratio."""
+    names = (model_info or {}).get("linear_names") or []
+    blocks = ((model_info or {}).get("layout") or {}).get("linear_blocks") or []
+    if len(names) != len(ratios) or len(blocks) != len(ratios):
+        raise UserError("this study's trials hold one ratio per linear, but the study does not record its linears' "
+                        "names and blocks (launched before they were recorded): it cannot be exported")
+    out: list[dict[str, float]] = [{} for _ in range(max(blocks) + 1)]
+    for name, block, r in zip(names, blocks, ratios):
+        out[block][name.split(f".{block}.", 1)[-1]] = r
+    return out
 
 
 def removed_count(cfg: StudyConfig, trial: FrozenTrial) -> int:
@@ -170,12 +186,15 @@ def resolve_finish(cfg: StudyConfig, trial: FrozenTrial, finish: str | None) -> 
                   f"re-applies trial {trial.number}'s own solve (one-shot, as the trial ran it)")
 
 
-def prune_config(cfg: StudyConfig, trial: FrozenTrial, finish: str | None = None) -> dict[str, Any]:
+def prune_config(cfg: StudyConfig, trial: FrozenTrial, finish: str | None = None, model_info: dict | None = None) -> dict[str, Any]:
     """The trial as a pruning config. ``finish`` (a solver spec, from ``resolve_finish``): prune
     with it, sequential, at the trial's ratios, KV bits and removed blocks, instead of re-applying
-    the trial's own metric one-shot."""
+    the trial's own metric one-shot. ``model_info`` (the study's record of its linears) names a
+    per-linear trial's layers."""
     cand = trial_candidate(cfg, trial)
-    if cand.split:
+    if cand.per_linear:
+        sparsities = per_linear_blocks(cand.ratios, model_info)
+    elif cand.split:
         sparsities = [[cand.ratios[2 * b], cand.ratios[2 * b + 1]] for b in range(len(cand.ratios) // 2)]
     else:
         sparsities = list(cand.ratios)
@@ -217,7 +236,9 @@ def llmcompressor_recipe(cfg: StudyConfig, trial: FrozenTrial, block_class: str,
     cand = trial_candidate(cfg, trial)
     structure = "0:0" if cfg.pruning.structure == "unstructured" else cfg.pruning.structure
     modifier = "SparseGPTModifier" if is_solver(finish or cand.metric or cfg.pruning.metric) else "WandaPruningModifier"
-    if cand.split:
+    if cand.per_linear:
+        args = {"sparsity": dict(zip(linear_names, cand.ratios)) | {"lm_head": 0.0}, "targets": ["Linear"]}
+    elif cand.split:
         per_linear = {}
         for name in linear_names:
             block = int(name.split(".")[-3]) if name.split(".")[-3].isdigit() else None
