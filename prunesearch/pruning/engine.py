@@ -88,8 +88,10 @@ class PruneResult:
         return d
 
 
-def ratio_of(block_ratio: float | list[float], lin: PrunableLinear) -> float:
-    """A block's ratio, or its [attention, MLP] pair, for one of its layers."""
+def ratio_of(block_ratio: float | list[float] | dict[str, float], lin: PrunableLinear) -> float:
+    """A block's ratio, its [attention, MLP] pair, or its per-linear mapping, for one of its layers."""
+    if isinstance(block_ratio, dict):
+        return float(block_ratio[lin.local_name])
     if isinstance(block_ratio, (list, tuple)):
         return float(block_ratio[0] if lin.kind == "attn" else block_ratio[1])
     return float(block_ratio)
@@ -142,6 +144,32 @@ def collect_stats(model: nn.Module, linears: list[PrunableLinear], ids: torch.Te
         for batch in tqdm(list(batches(ids, batch_size)), desc=desc, disable=not progress, leave=False):
             run_to_lm_head(model, batch)
     return collector.stats
+
+
+class BlockReplay:
+    """The statistics of the model as it is now, re-gathered from block ``b`` on: each block's
+    inputs (on ``ids``) are cached, so after block b changes only blocks b.. run again, not the
+    whole calibration forward. The caller says which block changed first (``stats_from(b)``);
+    the first call runs every block."""
+
+    def __init__(self, model: nn.Module, blocks: list[list[PrunableLinear]], ids: torch.Tensor, batch_size: int,
+                 extras: dict[str, bool]):
+        self.modules, self.blocks, self.extras = decoder_blocks(model), blocks, extras
+        self.inputs = [capture_block_inputs(model, ids, batch_size)]  # inputs[c]: what block c got at the last call
+
+    @torch.no_grad()
+    def stats_from(self, b: int) -> dict[str, ColumnStats]:
+        """Statistics of every linear of blocks b.. (block b or an earlier one has changed)."""
+        b = min(b, len(self.inputs) - 1)
+        del self.inputs[b + 1:]
+        stats: dict[str, ColumnStats] = {}
+        for c in range(b, len(self.blocks)):
+            with StatsCollector(self.blocks[c], **self.extras) as collector:
+                outputs = [BlockInput(inp.run(self.modules[c]), inp.args, inp.kwargs) for inp in self.inputs[c]]
+            stats.update(collector.stats)
+            if c + 1 < len(self.blocks):
+                self.inputs.append(outputs)
+        return stats
 
 
 class _LayerPruner:
@@ -208,21 +236,17 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
 
     extras = dense_stats_extras(spec)
 
-    def gather(desc: str = "calibration") -> dict[str, ColumnStats]:
-        t = time.perf_counter()
-        stats = collect_stats(model, linears, calib_ids, spec.batch_size, progress, desc,
-                              extras=extras)  # sequential: one block's extras at a time, below
-        timings["calibration"] = timings.get("calibration", 0.0) + time.perf_counter() - t
-        return stats
-
     if extras is None:
         dense_stats = None
     elif dense_stats is None:
-        dense_stats = gather()
+        t = time.perf_counter()
+        dense_stats = collect_stats(model, linears, calib_ids, spec.batch_size, progress,
+                                    extras=extras)  # sequential: one block's extras at a time, below
+        timings["calibration"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ctx = AllocationContext(blocks, dense_stats, spec.metric, group, nm, spec.max_sparsity)
-    ctx.refresh_stats = lambda: ctx.stats.update(gather("re-calibration"))
+    ctx = AllocationContext(blocks, dense_stats, spec.metric, group, nm, spec.max_sparsity,
+                            replay=lambda n, wanted: BlockReplay(model, blocks, calib_ids[:n], spec.batch_size, wanted))
     ratios = alloc_entry.fn(ctx, spec.sparsity, **alloc_params)
     sizes = ctx.sizes
     if nm is not None and alloc_entry.name != "explicit":
