@@ -61,7 +61,7 @@ def prune(
     model: Optional[str] = typer.Option(None, help="'default' (bundled SmolLM2-135M), a hub id, a local HF directory or a .gguf file."),
     metric: Optional[str] = typer.Option(None, help="magnitude, wanda, stade, ria, ACE's varp[:beta=0.25] / cosp / ace[:beta=0.25], cosp2 (true cosine loss), sparsegpt (OBS updates), or OptiShear's meta:coef_w=..,op_w=..,coef_x=..,op_x=.. (parameters as ria:a=0.5)."),
     sparsity: Optional[float] = typer.Option(None, help="Target fraction of prunable weights to remove, in [0, 1). Default 0.5."),
-    allocation: Optional[str] = typer.Option(None, help="Per-layer sparsity: uniform, owl[:M=5,lam=0.08], mrp[:step=0.01,start=0.6,M=5]."),
+    allocation: Optional[str] = typer.Option(None, help="Per-layer sparsity: uniform, owl[:M=5,lam=0.08], mrp[:step=0.02,refresh_every=1,refresh_samples=2,M=5]."),
     structure: Optional[str] = typer.Option(None, help="unstructured, or N:M such as 2:4 or 4:8 (sparsity must then be a multiple of 1/M)."),
     group: Optional[str] = typer.Option(None, help="Comparison group: auto (the metric's own), row or layer."),
     mode: Optional[str] = typer.Option(None, help="sequential (each block calibrated on pruned inputs, as Wanda) or one_shot (dense statistics)."),

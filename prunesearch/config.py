@@ -82,7 +82,7 @@ class PruningSection(Strict):
 class PruningConfig(PruningSection):
     metric: str = Field("wanda", description="a metric name, optionally with parameters: ria:a=0.5")
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    allocation: str | AllocationConfig = Field("uniform", description="uniform, owl[:M=5,lam=0.08], mrp[:step=0.01,start=..], or {name, params}")
+    allocation: str | AllocationConfig = Field("uniform", description="uniform, owl[:M=5,lam=0.08], mrp[:step=0.02,refresh_every=1,refresh_samples=2,M=5], or {name, params}")
     structure: str = Field("unstructured", description="unstructured or N:M, e.g. 2:4")
     group: Literal["auto", "row", "layer"] = "auto"
     mode: Literal["one_shot", "sequential"] = "sequential"
