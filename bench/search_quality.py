@@ -221,14 +221,16 @@ def staging_main(args) -> None:
     objective = cfg.objectives[0]
     print(f"# {cfg.model.name}, {cfg.pruning.metric} at {cfg.pruning.sparsity:.0%}, space {cfg.space.name}, sampler "
           f"{cfg.search.sampler}, objective {objective} on {cfg.reconstruction_samples} prompts x {cfg.calibration.seq_len} "
-          f"tokens, stages {cfg.stage_prompts()}, median pruner after {cfg.search.pruner_warmup} complete trials; "
+          f"tokens, stages {cfg.stage_prompts()}, pruners after {cfg.search.pruner_warmup} complete trials; "
           f"{args.staging} trials per run; CPU threads {torch.get_num_threads()}")
-    print(f"| seed | evaluation | pruned | prompts run | eval s | best {objective} | held-out ppl | s to reach the other's best |")
+    print(f"| seed | evaluation | pruned | prompts run | eval s | best {objective} | held-out ppl | s to reach every-prompt's best |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    modes = [("every prompt", "none"), ("staged, median", "median"),
+             (f"staged, percentile {cfg.search.pruner_percentile:g}", "percentile")]
     for seed in args.seeds:
         runs = {}
-        for staged in (False, True):
-            cfg.search.seed, cfg.search.pruner = seed, "median" if staged else "none"
+        for label, pruner in modes:
+            cfg.search.seed, cfg.search.pruner = seed, pruner
             study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg), pruner=make_pruner(cfg))
             for baseline in cfg.search.baselines:
                 study.enqueue_trial(space.encode({"name": baseline, "params": {}}, None, ev.resolve))
@@ -236,7 +238,7 @@ def staging_main(args) -> None:
             for _ in range(args.staging):
                 trial = study.ask()
                 t = time.perf_counter()
-                res = ev.evaluate(space.suggest(trial), stage_reporter(trial) if staged else None)
+                res = ev.evaluate(space.suggest(trial), stage_reporter(trial) if pruner != "none" else None)
                 eval_s += time.perf_counter() - t
                 prompts += res.prompts
                 trial.set_user_attr("ratios", res.ratios)
@@ -247,14 +249,14 @@ def staging_main(args) -> None:
                 curve.append((eval_s, study.best_value))
             best = study.best_trial
             ev.apply(Candidate(ratios=best.user_attrs["ratios"], split=cfg.space.split_attn_mlp))
-            runs[staged] = (eval_s, prompts, curve, best.value, perplexity(ev.model, held_out),
-                            sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials))
-        for staged in (False, True):
-            eval_s, prompts, curve, best, ppl, n_pruned = runs[staged]
-            other = runs[not staged][3]
-            reach = next((f"{s:.0f}" for s, b in curve if b <= other), "never")
-            print(f"| {seed} | {'staged, median pruner' if staged else 'every prompt'} | {n_pruned} | {prompts} | "
-                  f"{eval_s:.0f} | {best:.4g} | {ppl:,.1f} | {reach} |", flush=True)
+            runs[label] = (eval_s, prompts, curve, best.value, perplexity(ev.model, held_out),
+                           sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials))
+        reference = runs["every prompt"][3]
+        for label, _ in modes:
+            eval_s, prompts, curve, best, ppl, n_pruned = runs[label]
+            reach = next((f"{s:.0f}" for s, b in curve if b <= reference), "never")
+            print(f"| {seed} | {label} | {n_pruned} | {prompts} | {eval_s:.0f} | {best:.4g} | {ppl:,.1f} | {reach} |",
+                  flush=True)
 
 
 def versus_main(args) -> None:

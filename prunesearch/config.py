@@ -276,10 +276,13 @@ class SearchConfig(Strict):
     timeout_s: float | None = Field(None, gt=0, description="stop asking for new trials after this many seconds")
     seed: int = 0
     n_startup_trials: int = Field(8, ge=0)
-    pruner: Literal["median", "none"] = Field(
-        "median", description="median: a trial whose running value after an early stage (search.stages) is worse than "
-                              "the median of the complete trials at that stage stops there (PRUNED); none: every trial "
-                              "runs every prompt. A trial that ran every stage is COMPLETE")
+    pruner: Literal["median", "percentile", "none"] = Field(
+        "percentile", description="median: a trial whose running value after an early stage (search.stages) is worse than "
+                              "the median of the complete trials at that stage stops there (PRUNED); percentile: worse "
+                              "than search.pruner_percentile of them (25: only the best quarter goes on); none: every "
+                              "trial runs every prompt. A trial that ran every stage is COMPLETE")
+    pruner_percentile: float = Field(25.0, gt=0, lt=100, description="percentile pruner: the share (in %) of the "
+                                                                     "complete trials a trial must be among at each stage")
     stages: list[int] | None = Field(
         None, description="prompt counts after which a trial reports its running value and the pruner may stop it; the "
                           "last stage, all reconstruction_samples prompts, always runs to the end. Default: 2, 4, 8, ... "
@@ -424,7 +427,7 @@ class StudyConfig(Strict):
         if stages is not None and (any(not 0 < n < self.reconstruction_samples for n in stages) or stages != sorted(set(stages))):
             raise ValueError(f"search.stages {stages} must be increasing prompt counts below reconstruction_samples "
                              f"({self.reconstruction_samples}): the last stage, every prompt, is implied")
-        if self.search.pruner == "median" and len(self.objectives) > 1:
+        if self.search.pruner != "none" and len(self.objectives) > 1:
             self.search.pruner = "none"  # Optuna prunes single-objective studies only
         return self
 

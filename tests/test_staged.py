@@ -4,14 +4,16 @@ stage is COMPLETE (never relabelled PRUNED). Real model slice, SQLite, in-proces
 
 from __future__ import annotations
 
+import pytest
 from optuna.trial import TrialState
 
 from conftest import load, run_cli, study_config, write_config
 
 
-def test_a_staged_study_stops_trials_early_and_completes_the_rest(tmp_path, capsys, ray_session):
+@pytest.mark.parametrize("pruner", ["median", "percentile"])
+def test_a_staged_study_stops_trials_early_and_completes_the_rest(tmp_path, capsys, ray_session, pruner):
     cfg = study_config(tmp_path, trials=12, calibration={"samples": 8, "batch_size": 2}, reconstruction_samples=8,
-                       search={"pruner": "median", "stages": [2, 4], "pruner_warmup": 3})
+                       search={"pruner": pruner, "stages": [2, 4], "pruner_warmup": 3})
     code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
     assert code == 0, err
     study = load(cfg)

@@ -38,16 +38,18 @@ def make_sampler(cfg: StudyConfig, salt: int = 0) -> optuna.samplers.BaseSampler
 
 def prunes(cfg: StudyConfig) -> bool:
     """Whether trials report intermediate values and may be stopped early (single objective only)."""
-    return cfg.search.pruner == "median" and len(cfg.objectives) == 1
+    return cfg.search.pruner != "none" and len(cfg.objectives) == 1
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
-    """Median over the complete trials at the same stage (a step is a prompt count). The pruner
+    """A percentile (the median, or ``search.pruner_percentile``) of the complete trials at the same
+    stage (a step is a prompt count; MedianPruner is PercentilePruner at 50). The pruner
     is asked only after the early stages (``StudyConfig.stage_prompts``), never after the last:
     a trial that ran every prompt is COMPLETE."""
-    if prunes(cfg):
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.search.pruner_warmup, n_warmup_steps=0)
-    return optuna.pruners.NopPruner()
+    if not prunes(cfg):
+        return optuna.pruners.NopPruner()
+    percentile = 50.0 if cfg.search.pruner == "median" else cfg.search.pruner_percentile
+    return optuna.pruners.PercentilePruner(percentile, n_startup_trials=cfg.search.pruner_warmup, n_warmup_steps=0)
 
 
 def stage_reporter(trial: optuna.Trial):
