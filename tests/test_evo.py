@@ -57,12 +57,12 @@ def runs(study):
 
 
 def test_evo_screens_children_keeps_the_best_and_resumes_to_the_same_run(tmp_path, capsys, ray_session):
-    cfg = evo_config(tmp_path, 24)
+    cfg = evo_config(tmp_path, 18)
     code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
     assert code == 0, err
     study = load(cfg)
     trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-    assert len(trials) == 24
+    assert len(trials) == 18
     assert [t.user_attrs.get("baseline") for t in trials[:2]] == ["uniform", "owl"]
     for t in trials:  # every child on the budget; a screening stage ran its prompts only
         assert t.user_attrs["achieved_sparsity"] == pytest.approx(0.6, abs=1e-6)
@@ -83,11 +83,11 @@ def test_evo_screens_children_keeps_the_best_and_resumes_to_the_same_run(tmp_pat
         for _, x in by_gen[g][0]:
             assert 0 < sum(abs(a - b) for a, b in zip(x, parent)) <= 6
 
-    # a study stopped part-way (here: at 11 evaluations) and resumed replays to the same run
-    half = evo_config(tmp_path, 11, **{"seed": 0})
+    # a study stopped part-way (here: at 7 evaluations, inside generation 1) and resumed replays to the same run
+    half = evo_config(tmp_path, 7, **{"seed": 0})
     half["study"], half["storage"] = "half", f"sqlite:///{tmp_path / 'half.db'}"
     assert run_cli(["launch", str(write_config(tmp_path, half, "half.yaml")), "--quiet"], capsys)[0] == 0
-    code, out, err = run_cli(["resume", "--study", "half", "--storage", half["storage"], "--trials", "24", "--quiet"], capsys)
+    code, out, err = run_cli(["resume", "--study", "half", "--storage", half["storage"], "--trials", "18", "--quiet"], capsys)
     assert code == 0, err
     assert runs(load(half)) == runs(study)
 

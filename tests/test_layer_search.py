@@ -180,7 +180,7 @@ def test_spaces_search_k_and_baselines_remove_nothing():
     ({"space": {"remove_layers": [1, 1]}}, "listed twice"),
     ({"space": {"remove_layers": [0, 1]}, "pruning": {"sparsity": 0.5, "remove_layers": 1}}, "set pruning.remove_layers to 0"),
     ({"space": {"name": "optishear", "remove_layers": [0, 1]}, "search": {"sampler": "nsga3"},
-      "objectives": ["frobenius", "sparsity_deviation"]}, "not by nsga3"),
+      "objectives": ["frobenius", "sparsity_deviation"]}, "not by evo / nsga3"),
     ({"space": {"remove_layers": [0, 1]}, "pruning": {"sparsity": 0.5, "structure": "2:4"}}, "needs unstructured pruning"),
 ])
 def test_bad_removal_configs_are_one_line_errors(tmp_path, capsys, patch, message):

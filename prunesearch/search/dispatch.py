@@ -31,6 +31,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
+from prunesearch.errors import UserError
 from prunesearch.search import attrs
 from prunesearch.search.pool import is_worker_lost
 from prunesearch.workers.result import TrialResult
@@ -265,3 +266,27 @@ class Dispatcher:
             return Outcome(trial, tag, "pruned", [result.partial] if result.partial is not None else None)
         study.tell(trial, result.values)
         return Outcome(trial, tag, "complete", result.values)
+
+
+class Retries:
+    """How an evolution treats an individual whose evaluation failed by its own error: once more,
+    then scored as the worst (``failed`` says which); too many failures in a row stop the study."""
+
+    def __init__(self, workers: int):
+        self.attempts: dict = {}
+        self.in_a_row, self.max_in_a_row = 0, max(3, 2 * workers)
+
+    def succeeded(self) -> None:
+        self.in_a_row = 0
+
+    def last_try(self, key) -> bool:
+        return self.attempts.get(key, 0) > 0
+
+    def failed(self, key) -> bool:
+        """True: run it once more; False: it failed twice."""
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise UserError(f"{self.in_a_row} evaluations failed in a row, stopping (finished ones are saved)")
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        return self.attempts[key] < 2
+

@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.search import attrs
+from prunesearch.search.dispatch import Retries
 from prunesearch.search.nsga3 import FixedParamsSampler
 from prunesearch.spaces.levels import LevelSpace
 
@@ -117,8 +118,7 @@ class Generations:
     def _run(self, generation, stage, points, missing, values, names) -> None:
         sampler: FixedParamsSampler = self.study.sampler
         pool, s = self.dispatcher.pool, self.cfg.search
-        queue, attempts = deque(missing), dict.fromkeys(missing, 0)
-        failures_in_a_row, max_failures = 0, max(3, 2 * pool.count)
+        queue, retries = deque(missing), Retries(pool.count)
         prompts = self.stages[stage]
         stop = None
         while queue or self.dispatcher.in_flight:
@@ -140,7 +140,7 @@ class Generations:
                 for key, value in ((attrs.GENERATION, generation), (attrs.STAGE, stage), (attrs.INDIVIDUAL, i),
                                    (attrs.VECTOR, [int(v) for v in x])):
                     trial.set_user_attr(key, value)
-                if attempts[i]:
+                if retries.last_try(i):
                     trial.set_user_attr(attrs.LAST_ATTEMPT, True)
                 if tuple(x) in names:
                     trial.set_user_attr(attrs.BASELINE, names[tuple(x)])
@@ -153,19 +153,14 @@ class Generations:
                 if o.state in ("complete", "pruned"):
                     values[i] = o.values[0]
                     self.record[(generation, stage, tuple(points[i]))] = values[i]
-                    failures_in_a_row = 0
+                    retries.succeeded()
                     self.bar.update(1)
                 elif o.state in ("lost", "stale"):
                     queue.appendleft(i)  # not the point's fault: run it again
+                elif retries.failed(i):
+                    queue.appendleft(i)
                 else:
-                    failures_in_a_row += 1
-                    if failures_in_a_row >= max_failures:
-                        raise UserError(f"{failures_in_a_row} evaluations failed in a row, stopping (finished ones are saved)")
-                    attempts[i] += 1
-                    if attempts[i] < 2:
-                        queue.appendleft(i)
-                    else:
-                        values[i] = FAILED
+                    values[i] = FAILED
 
 
 def evolve(study: optuna.Study, cfg: StudyConfig, space: LevelSpace, dispatcher, seeds, t0: float, ctrl_c, bar) -> str:

@@ -34,6 +34,7 @@ from pymoo.util.ref_dirs import get_reference_directions
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.search import attrs
+from prunesearch.search.dispatch import Retries
 from prunesearch.spaces import VectorSpace
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,7 @@ def _evaluate(study, cfg, space: VectorSpace, dispatcher, generation, X, missing
     """Evaluate the missing individuals of one generation on the pool; fills F. Returns a stop reason."""
     sampler: FixedParamsSampler = study.sampler
     pool = dispatcher.pool
-    queue, attempts = deque(missing), {i: 0 for i in missing}
-    failures_in_a_row, max_failures = 0, max(3, 2 * pool.count)
+    queue, retries = deque(missing), Retries(pool.count)
     timed_out = False
     while queue or dispatcher.in_flight:
         if ctrl_c.is_set():
@@ -190,7 +190,7 @@ def _evaluate(study, cfg, space: VectorSpace, dispatcher, generation, X, missing
             cand = space.suggest(trial)
             for key, value in ((attrs.GENERATION, generation), (attrs.INDIVIDUAL, i), (attrs.VECTOR, [int(v) for v in X[i]])):
                 trial.set_user_attr(key, value)
-            if attempts[i] > 0:
+            if retries.last_try(i):
                 trial.set_user_attr(attrs.LAST_ATTEMPT, True)
             if tuple(X[i]) in seed_names:
                 trial.set_user_attr(attrs.BASELINE, seed_names[tuple(X[i])])
@@ -201,18 +201,13 @@ def _evaluate(study, cfg, space: VectorSpace, dispatcher, generation, X, missing
             i = o.tag
             if o.state == "complete":
                 F[i] = minimised(study, o.values)
-                failures_in_a_row = 0
+                retries.succeeded()
                 bar.update(1)
             elif o.state in ("lost", "stale"):
                 queue.appendleft(i)  # its worker died (or its trial was failed as stale): run it again, not an attempt
+            elif retries.failed(i):
+                queue.appendleft(i)  # once more; a second failure scores it as the worst possible
             else:
-                failures_in_a_row += 1
-                if failures_in_a_row >= max_failures:
-                    raise UserError(f"{failures_in_a_row} evaluations failed in a row, stopping (finished ones are saved)")
-                attempts[i] += 1
-                if attempts[i] < 2:
-                    queue.appendleft(i)  # once more; a second failure scores it as the worst possible
-                else:
-                    F[i] = PENALTY
-                    bar.update(1)
+                F[i] = PENALTY
+                bar.update(1)
     return "timeout" if timed_out else None
