@@ -176,15 +176,15 @@ class Evaluator:
         names, kv = self.cfg.objectives, self.kv_settings(cand)
         ran = [0, None]  # prompts and running value of the last stage reported
         screen = cand.prompts if cand.prompts and cand.prompts < self.ref.ids.shape[0] else None
-        stages = self.cfg.stage_prompts()[:-1] if on_stage is not None else []
+        # the pruner's stages, and the screening stage, after which ``staged`` stops the pass
+        stages = (self.cfg.stage_prompts()[:-1] if on_stage is not None else []) + ([screen] if screen else [])
 
         def staged(prompts: int, value: float) -> bool:
             ran[:] = prompts, value
             return prompts == screen or (on_stage is not None and on_stage(prompts, value))
 
         with kv_context(self.model, kv):
-            forward = reconstruction_pass(self.model, self.ref, names, [s for s in stages if s < (screen or 1e9)] +
-                                          ([screen] if screen else []), staged if on_stage or screen else None)
+            forward = reconstruction_pass(self.model, self.ref, names, stages, staged if on_stage or screen else None)
             timings = {"mask_s": t_mask, **({"switch_s": switch_s} if switch_s is not None else {})}  # mask_s includes it
             if forward is None:
                 return TrialResult(ratios, achieved, pruned=True, prompts=ran[0], partial=ran[1], screened=ran[0] == screen,
