@@ -225,3 +225,31 @@ def test_processes_opening_a_fresh_database_at_once_all_get_it(tmp_path, capsys)
             if p.is_alive():
                 p.terminate()
     assert open_storage(url, create=False).get_all_studies() == []
+
+
+def test_a_busy_sqlite_file_is_waited_for_and_a_broken_one_is_one_line(tmp_path):
+    """SQLite answers "database is locked" at once, without its busy timeout, when two fresh
+    openers would deadlock switching the file to WAL (seen on CI): that is retried; any other
+    error of the file is the user's, said at once in one line."""
+    import sqlite3
+
+    from prunesearch.errors import UserError
+    from prunesearch.search.storage import _while_busy
+
+    calls = []
+
+    def busy_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "opened"
+
+    assert _while_busy(busy_twice, tmp_path / "a.db") == "opened" and len(calls) == 3
+    with pytest.raises(UserError, match="a.db as a study database: database is locked"):
+        _while_busy(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("database is locked")), tmp_path / "a.db",
+                    patience_s=0.2)
+    broken = []
+    with pytest.raises(UserError, match="file is not a database"):
+        _while_busy(lambda: broken.append(1) or (_ for _ in ()).throw(sqlite3.DatabaseError("file is not a database")),
+                    tmp_path / "a.db")
+    assert broken == [1]

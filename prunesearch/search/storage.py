@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
+import random
 import sqlite3
 import time
 import warnings
@@ -91,11 +93,30 @@ def _read_only_query(path: Path) -> dict[str, str]:
 def _sqlite_tables(path: Path) -> set[str]:
     """The tables of an existing SQLite file, read without changing a byte of it."""
     query = "&".join(f"{k}={v}" for k, v in _read_only_query(path).items())
-    try:
+
+    def read() -> set[str]:
         with contextlib.closing(sqlite3.connect(f"file:{path}?{query}", uri=True, timeout=60)) as conn:
             return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.Error as exc:  # not a database, a truncated file, no permission
-        raise UserError(f"cannot use {path} as a study database: {exc}") from None
+
+    return _while_busy(read, path)
+
+
+def _while_busy(action, path: Path, patience_s: float = 60.0):
+    """Run a short SQLite action, again while the file is busy. SQLite answers "database is
+    locked" at once, without its busy timeout, when two connections would deadlock (both
+    switching a fresh file to WAL) or one is recovering the WAL: processes opening a new study
+    file at the same moment hit exactly that. Any other error is the user's file: one line."""
+    deadline = time.monotonic() + patience_s
+    for attempt in itertools.count():
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() > deadline:
+                raise UserError(f"cannot use {path} as a study database: {exc}") from None
+            time.sleep(min(1.0, 0.02 * 2**attempt) * random.uniform(0.5, 1.5))
+        except sqlite3.Error as exc:  # not a database, a truncated file, no permission
+            raise UserError(f"cannot use {path} as a study database: {exc}") from None
 
 
 def _check_sqlite_file(path: Path, must_exist: bool) -> None:
@@ -146,11 +167,13 @@ def _prepare_sqlite(url: sqlalchemy.URL, create: bool, readonly: bool) -> sqlalc
     path = _checked_sqlite_path(url, create, readonly)
     if readonly:
         return url.set(database=f"file:{path.resolve()}", query={**_read_only_query(path), "uri": "true"})
-    try:
+
+    def to_wal() -> None:
         with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file: concurrent readers and one writer
-    except sqlite3.Error as exc:  # not a database, no permission, a full disk
-        raise UserError(f"cannot use {path} as a study database: {exc}") from None
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file: concurrent readers and one writer
+
+    _while_busy(to_wal, path)
     return url
 
 
@@ -197,6 +220,7 @@ def open_storage(url: str, *, create: bool = True, readonly: bool = False, heart
         hb = {"heartbeat_interval": heartbeat[0], "grace_period": heartbeat[1], "heartbeat_stale_trial_callback": on_stale}
     full = parsed.render_as_string(hide_password=False)
     for attempt in range(_RACE_RETRIES + 1):
+        started = time.monotonic()
         try:
             if not create:
                 _require_schema(full, engine_kwargs, url)
@@ -208,7 +232,7 @@ def open_storage(url: str, *, create: bool = True, readonly: bool = False, heart
         except RuntimeError as exc:  # Optuna: the schema is of another Optuna version
             raise UserError(f"study database {mask_url(url)}: {str(exc).splitlines()[0]}") from None
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-            if attempt < _RACE_RETRIES and _is_schema_race(exc):
+            if attempt < _RACE_RETRIES and _is_schema_race(exc, time.monotonic() - started):
                 time.sleep(0.1 * 2**attempt)  # another process is setting the schema up: it is there in a moment
                 continue
             reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -219,12 +243,14 @@ def open_storage(url: str, *, create: bool = True, readonly: bool = False, heart
 # Optuna's RDBStorage writes its version row and alembic stamp whenever it opens a database, so
 # processes opening a fresh one at once (two drivers, a driver and `status`) collide on them.
 _RACE_RETRIES = 6
-_SCHEMA_RACE = ("already exists", "unique constraint", "duplicate key")  # not "locked": that waited 60 s already
+_SCHEMA_RACE = ("already exists", "unique constraint", "duplicate key")
 
 
-def _is_schema_race(exc: Exception) -> bool:
+def _is_schema_race(exc: Exception, waited_s: float) -> bool:
+    """Another process set the schema up first, or SQLite refused a write at once (its deadlock
+    answer, given without the busy timeout); "locked" after a long wait is a real lock holder."""
     text = str(getattr(exc, "orig", exc)).lower()
-    return any(s in text for s in _SCHEMA_RACE)
+    return any(s in text for s in _SCHEMA_RACE) or ("database is locked" in text and waited_s < 5.0)
 
 
 def _require_schema(full_url: str, engine_kwargs: dict, shown: str) -> None:
