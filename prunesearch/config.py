@@ -323,8 +323,14 @@ class WorkersConfig(Strict):
                                                         "GPU in the cluster when num_gpus > 0, else as many as its CPUs fit")
     num_cpus: float = Field(1, gt=0, description="Ray CPUs per actor")
     num_gpus: float = Field(0, ge=0, description="Ray GPUs per actor")
-    memory_gb: float | None = Field(None, gt=0, description="Ray memory reserved per actor (places actors by memory too)")
+    memory_gb: float | None = Field(None, gt=0, description="Ray memory reserved per actor (places actors by memory "
+                                                            "too); the host memory a worker plans its model within")
     threads: int | None = Field(None, ge=1, description="torch threads per actor (default: num_cpus)")
+    offload: Literal["auto", "none", "blocks"] = Field(
+        "auto", description="where a worker keeps the model: none (all of it on the device, masked in place: fastest), "
+                            "blocks (decoder blocks in host memory, streamed through the device one at a time), or auto "
+                            "(in memory when it fits the device's free memory, else blocks; with several GPUs per "
+                            "worker, consecutive blocks fill them and the rest streams)")
     address: str | None = Field(None, description="Ray cluster address (auto or HOST:PORT); null starts Ray in-process")
     connect_timeout_s: float = Field(30, gt=0, description="how long to wait for the Ray cluster at `address` before "
                                                            "giving up with an error")
@@ -362,6 +368,9 @@ class StudyConfig(Strict):
     evaluation: EvalConfig | None = Field(None, description="held-out text; needed by the perplexity objective")
     pruning: StudyPruningConfig = Field(default_factory=StudyPruningConfig)
     reconstruction_samples: int = Field(8, ge=1, description="calibration prompts the reconstruction error runs on")
+    kl_cache: int | Literal["auto", "all"] = Field(
+        "auto", description="dense next-token log-probabilities each worker keeps for the kl objective: all, the top K "
+                            "per token (a number), or auto (all when they take at most 1 GiB, else the top 1024)")
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     objectives: list[str] = Field(["frobenius"], min_length=1)
@@ -395,6 +404,8 @@ class StudyConfig(Strict):
         if not self.space.min_sparsity <= self.pruning.sparsity <= self.space.max_sparsity:
             raise ValueError(f"impossible budget: pruning.sparsity {self.pruning.sparsity} lies outside "
                              f"[space.min_sparsity {self.space.min_sparsity}, space.max_sparsity {self.space.max_sparsity}]")
+        if isinstance(self.kl_cache, int) and self.kl_cache < 1:
+            raise ValueError("kl_cache: a number of log-probabilities per token >= 1, all, or auto")
         if self.reconstruction_samples > self.calibration.samples:
             raise ValueError("reconstruction_samples cannot exceed calibration.samples")
         space = SPACES.get(self.space.name).fn

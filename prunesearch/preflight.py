@@ -98,4 +98,18 @@ def check_study(cfg) -> Checked:
                              layout.mlp_sizes[p.remove_layers:])
     make_study_space(cfg, layout)  # space parameters (e.g. owl's M_range) checked against the model
     check_texts(cfg.model, cfg.calibration, cfg.evaluation)
+    if not cfg.workers.address:  # the workers run here: a model that fits nowhere, even streamed, is said now
+        check_memory(cfg, model, linears)
     return Checked(n_blocks, layout.total, time.perf_counter() - t0)
+
+
+def check_memory(cfg, model: nn.Module, linears) -> None:
+    """The plan a worker here would make (workers/placement.py), from the shapes alone: one that
+    cannot hold the model even with its blocks streamed is refused before anything loads."""
+    from prunesearch.workers import placement
+
+    model.to(resolve_dtype(cfg.model.dtype))  # on the meta device: only the element sizes change
+    c = cfg
+    sizes = placement.measure(model, linears, c.reconstruction_samples, c.calibration.seq_len, c.calibration.batch_size)
+    devices = placement.compute_devices(resolve_device(c.model.device))
+    placement.plan(sizes, c.workers.offload, devices, *placement.budgets(devices, c.workers.memory_gb))

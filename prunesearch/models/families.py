@@ -21,6 +21,7 @@ class Family:
     name: str
     blocks_path: str  # dotted attribute path from the *ForCausalLM to the ModuleList of blocks
     model_types: frozenset[str]
+    final_paths: tuple[str, ...] = ("model.norm",)  # what runs between the last block and lm_head, in order
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -33,8 +34,8 @@ FAMILIES: tuple[Family, ...] = (
              "starcoder2", "phi", "internlm2", "deepseek_v2", "yi"}
         ),
     ),
-    Family("opt", "model.decoder.layers", frozenset({"opt"})),
-    Family("gpt2", "transformer.h", frozenset({"gpt2"})),
+    Family("opt", "model.decoder.layers", frozenset({"opt"}), ("model.decoder.final_layer_norm", "model.decoder.project_out")),
+    Family("gpt2", "transformer.h", frozenset({"gpt2"}), ("transformer.ln_f",)),
 )
 
 
@@ -61,6 +62,12 @@ def find_family(model: nn.Module) -> Family:
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return _get_path(model, find_family(model).blocks_path)
+
+
+def final_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules between the last decoder block and lm_head (the final norm), in order: what a
+    block-by-block pass runs at the end. Absent ones (OPT without project_out) are skipped."""
+    return [m for p in find_family(model).final_paths if (m := _get_path(model, p)) is not None]
 
 
 @dataclass(eq=False)

@@ -29,9 +29,10 @@ def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nll_sum(model: nn.Module, ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over one batch, and the number of predictions."""
-    hidden = final_hidden(model, ids)[:, :-1]
+def nll_sum(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor | None = None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over one batch, and the number of predictions
+    (``hidden``: the batch's final hidden states, when the caller ran the decoder)."""
+    hidden = (final_hidden(model, ids) if hidden is None else hidden)[:, :-1]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = ids[:, 1:].reshape(-1).to(hidden.device)
     total = 0.0
@@ -42,10 +43,15 @@ def nll_sum(model: nn.Module, ids: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, progress: bool = False, desc: str = "perplexity") -> float:
-    """exp(mean next-token NLL) over fixed-length sequences ``ids`` (n, seq_len)."""
+def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, progress: bool = False, desc: str = "perplexity",
+               hidden=None) -> float:
+    """exp(mean next-token NLL) over fixed-length sequences ``ids`` (n, seq_len). ``hidden(ids,
+    batch_size)``, when given, runs the decoder (block by block) and yields each batch's final
+    hidden states; by default the model runs in memory, batch by batch."""
     total, count = 0.0, 0
-    for batch in tqdm(list(batches(ids, batch_size)), desc=desc, disable=not progress, leave=False):
-        nll, n = nll_sum(model, batch)
+    chunks = list(batches(ids, batch_size))
+    states = hidden(ids, batch_size) if hidden is not None else (None for _ in chunks)
+    for batch, h in tqdm(zip(chunks, states), total=len(chunks), desc=desc, disable=not progress, leave=False):
+        nll, n = nll_sum(model, batch, h)
         total, count = total + nll, count + n
     return math.exp(total / count)

@@ -5,13 +5,19 @@ lm_head on the calibration prompts. With logits = H W^T (+ b), the squared Frobe
 all tokens is sum((H_p - H_d) G (H_p - H_d)^T) with G = W^T W: exact, and it never pays for the
 (vocab x hidden) lm_head per trial. The bias cancels in the difference. Soft-capped logits
 (Gemma-2) break the identity; there the logits are computed as they are.
+
+The KL needs the dense next-token distributions: they are computed once per worker from the
+cached hidden states (``DenseReference.prepare_kl``: every log-probability, or the top k of each
+position plus the mass left over), so a KL trial pays the lm_head of the pruned side only.
+How the decoder runs is the caller's (``hidden``): the whole model in memory by default, block
+by block from host memory for a model past one device (workers/streaming.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -26,19 +32,85 @@ class DenseReference:
     hidden: torch.Tensor  # (n, seq_len, hidden) dense hidden states entering lm_head, float32
     gram: torch.Tensor  # (hidden, hidden) W^T W of lm_head, float64
     batch_size: int
+    kl_cache: "DenseLogProbs | None" = field(default=None, repr=False)  # this worker's, never on disk
+
+    @torch.no_grad()
+    def prepare_kl(self, model: nn.Module, top_k: int | None) -> "DenseLogProbs":
+        """The dense side's next-token log-probabilities over every prompt token, once: all of
+        them (``top_k`` None) or the top k of each position. Kept on the host, float32."""
+        rows = self.hidden.reshape(-1, self.hidden.shape[-1])
+        device = model.get_output_embeddings().weight.device
+        parts, idx = [], []
+        for c in range(0, rows.shape[0], TOKEN_CHUNK):
+            logits = logits_from_hidden(model, rows[c : c + TOKEN_CHUNK].to(device))
+            logp = logits - torch.logsumexp(logits, -1, keepdim=True)
+            if top_k is not None and top_k < logp.shape[-1]:
+                vals, where = logp.topk(top_k, dim=-1)
+                parts.append(vals.cpu()), idx.append(where.to(torch.int32).cpu())
+            else:
+                parts.append(logp.cpu())
+        self.kl_cache = DenseLogProbs(torch.cat(parts), torch.cat(idx) if idx else None)
+        return self.kl_cache
 
     @classmethod
     @torch.no_grad()
     def compute(cls, model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> "DenseReference":
         hidden = torch.cat([final_hidden(model, b).float().cpu() for b in batches(ids, batch_size)])
+        return cls.of_hidden(model, ids, hidden, batch_size)
+
+    @classmethod
+    @torch.no_grad()
+    def of_hidden(cls, model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor, batch_size: int) -> "DenseReference":
+        """The reference of dense final hidden states computed elsewhere (block by block)."""
         W = model.get_output_embeddings().weight.detach().double()
-        return cls(ids.cpu(), hidden, (W.t() @ W).cpu(), batch_size)
+        return cls(ids.cpu(), hidden.float().cpu(), (W.t() @ W).cpu(), batch_size)
 
     @cached_property
     def dense_sq_norm(self) -> float:
         """||H_d W^T||_F^2, to make the error relative (bias left out)."""
         h = self.hidden.reshape(-1, self.hidden.shape[-1]).double()
         return ((h @ self.gram) * h).sum().item()
+
+
+@dataclass
+class DenseLogProbs:
+    """Dense next-token log-probabilities, one row per prompt token: all of the vocabulary
+    (``index`` None) or the top k of each row with their vocabulary ids."""
+
+    logp: torch.Tensor  # (tokens, vocab or k) float32
+    index: torch.Tensor | None = None  # (tokens, k) int32
+
+    @property
+    def nbytes(self) -> int:
+        return self.logp.numel() * 4 + (self.index.numel() * 4 if self.index is not None else 0)
+
+    def kl_sum(self, logp_pruned: torch.Tensor, rows: slice) -> float:
+        """sum over ``rows`` of KL(dense || pruned), given the pruned log-probs of those rows.
+        With the top k only, the rest of the vocabulary is one bucket on each side (its mass
+        1 - the top k's): a lower bound of the full KL, exact as k reaches the vocabulary."""
+        ld = self.logp[rows].to(logp_pruned.device, non_blocking=True)
+        if self.index is None:
+            return ld.exp().mul_(ld - logp_pruned).sum().item()
+        lp = logp_pruned.gather(1, self.index[rows].to(logp_pruned.device, non_blocking=True).long())
+        d = ld.exp()
+        head = d.mul(ld - lp).sum()
+        rest_d = (1 - d.sum(1)).clamp_min(0)
+        rest_p = (1 - lp.exp().sum(1)).clamp_min(1e-30)
+        tail = torch.where(rest_d > 0, rest_d * (rest_d.clamp_min(1e-30).log() - rest_p.log()), 0.0)
+        return (head + tail.sum()).item()
+
+
+def kl_top_k(setting: int | str, n_tokens: int, vocab: int, budget_bytes: int = 1 << 30) -> int | None:
+    """How many log-probabilities per token a worker keeps for the KL (None: all of them):
+    ``auto`` keeps all when they take at most ``budget_bytes`` (1 GiB), else the top 1024."""
+    if setting == "all":
+        return None
+    if setting == "auto":
+        return None if n_tokens * vocab * 4 <= budget_bytes else min(1024, vocab)
+    return None if int(setting) >= vocab else int(setting)
+
+
+Hidden = Callable[[int, int], Iterator[torch.Tensor]]  # (first prompt, end) -> final hidden states, batch by batch
 
 
 def _softcapped(model: nn.Module) -> bool:
@@ -56,42 +128,56 @@ def stage_ends(n_prompts: int, stages: Sequence[int] = ()) -> list[int]:
 
 @torch.no_grad()
 def reconstruction_error(model: nn.Module, ref: DenseReference, kl: bool = True, stages: Sequence[int] = (),
-                         on_stage: OnStage | None = None) -> dict[str, float] | None:
+                         on_stage: OnStage | None = None, frobenius: bool = True,
+                         hidden: Hidden | None = None) -> dict[str, float] | None:
     """Frobenius norm of the logit difference (absolute and relative to the dense logits) and the
-    mean KL(dense || pruned) of next-token distributions, over every prompt token.
+    mean KL(dense || pruned) of next-token distributions, over every prompt token; ``frobenius``
+    False skips the former (a KL-only study never pays its Gram product).
 
     Staged (``stages``, prompt counts): after the first ``s`` prompts of every stage but the last,
     ``on_stage(s, running)`` sees the values so far, the Frobenius norm scaled to the whole prompt
     set so that a stage compares across candidates; if it returns True the pass stops there and
     the result is None (an Optuna pruner's verdict). The last stage always runs to the end.
+    ``hidden(start, end)`` yields the pruned model's final hidden states of those prompts batch
+    by batch (default: the whole model's forward, one batch at a time).
     """
+    hidden = hidden or (lambda start, end: (final_hidden(model, b) for b in batches(ref.ids[start:end], ref.batch_size)))
     sq, kl_sum, n_tokens, start = 0.0, 0.0, 0, 0
     n_prompts, n_total = ref.ids.shape[0], ref.ids.shape[0] * ref.ids.shape[1]
     for end in stage_ends(n_prompts, stages if on_stage is not None else ()):
-        for b in range(start, end, ref.batch_size):
-            stop = min(b + ref.batch_size, end)
-            d_sq, d_kl, d_n = _batch_error(model, ref, b, stop, kl)
-            sq, kl_sum, n_tokens = sq + d_sq, kl_sum + d_kl, n_tokens + d_n
+        first = start
+        for h_p in hidden(start, end):
+            stop = first + h_p.shape[0]
+            d_sq, d_kl, d_n = _batch_error(model, ref, h_p, first, stop, kl, frobenius)
+            sq, kl_sum, n_tokens, first = sq + d_sq, kl_sum + d_kl, n_tokens + d_n, stop
         start = end
-        if end < n_prompts and on_stage(end, _summary(sq * n_total / n_tokens, kl_sum, n_tokens, ref, kl)):
+        if end < n_prompts and on_stage(end, _summary(sq * n_total / n_tokens, kl_sum, n_tokens, ref, kl, frobenius)):
             return None
-    return _summary(sq, kl_sum, n_tokens, ref, kl)
+    return _summary(sq, kl_sum, n_tokens, ref, kl, frobenius)
 
 
-def _batch_error(model: nn.Module, ref: DenseReference, start: int, stop: int, kl: bool) -> tuple[float, float, int]:
-    """Squared Frobenius error, summed KL and token count of prompts ``start:stop``."""
+def _batch_error(model: nn.Module, ref: DenseReference, h_p: torch.Tensor, start: int, stop: int, kl: bool,
+                 frobenius: bool) -> tuple[float, float, int]:
+    """Squared Frobenius error, summed KL and token count of prompts ``start:stop``, whose pruned
+    final hidden states are ``h_p``."""
     sq, kl_sum = 0.0, 0.0
-    h_p = final_hidden(model, ref.ids[start:stop]).float()
-    h_p = h_p.reshape(-1, h_p.shape[-1])
+    h_p = h_p.float().reshape(-1, h_p.shape[-1])
     h_d = ref.hidden[start:stop].reshape(-1, h_p.shape[-1]).to(h_p.device)
-    if not _softcapped(model):
+    capped = _softcapped(model)
+    if frobenius and not capped:
         delta = (h_p - h_d).double()
         sq += ((delta @ ref.gram.to(delta.device)) * delta).sum().item()
-    if kl or _softcapped(model):
+    cache = ref.kl_cache if kl and not (frobenius and capped) else None  # capped logits need the dense ones
+    row0 = start * ref.ids.shape[1]
+    if kl or (frobenius and capped):
         for c in range(0, h_p.shape[0], TOKEN_CHUNK):
             lp = logits_from_hidden(model, h_p[c : c + TOKEN_CHUNK])
+            if cache is not None:
+                lp -= torch.logsumexp(lp, -1, keepdim=True)
+                kl_sum += cache.kl_sum(lp, slice(row0 + c, row0 + c + lp.shape[0]))
+                continue
             ld = logits_from_hidden(model, h_d[c : c + TOKEN_CHUNK])
-            if _softcapped(model):
+            if frobenius and capped:
                 sq += (lp - ld).double().square().sum().item()
             if kl:
                 kl_sum += _kl_sum(lp, ld)
@@ -108,8 +194,8 @@ def _kl_sum(logits_p: torch.Tensor, logits_d: torch.Tensor) -> float:
     return prob_d.mul_(logits_d).sum().item()  # sum's pairwise reduction: dot's was 20x less exact
 
 
-def _summary(sq: float, kl_sum: float, n_tokens: int, ref: DenseReference, kl: bool) -> dict[str, float]:
-    out = {"frobenius": sq**0.5, "frobenius_rel": (sq / max(ref.dense_sq_norm, 1e-30)) ** 0.5}
+def _summary(sq: float, kl_sum: float, n_tokens: int, ref: DenseReference, kl: bool, frobenius: bool = True) -> dict[str, float]:
+    out = {"frobenius": sq**0.5, "frobenius_rel": (sq / max(ref.dense_sq_norm, 1e-30)) ** 0.5} if frobenius else {}
     if kl:
         out["kl"] = kl_sum / n_tokens
     return out

@@ -36,6 +36,7 @@ class ObjectiveInputs:
     forward: dict[str, float]  # the reconstruction pass: frobenius, frobenius_rel (and kl when asked)
     held_out: torch.Tensor | None = None  # the evaluation text's token ids, when perplexity is asked
     evaluation: EvalConfig | None = None  # its settings (batch size)
+    hidden: Callable | None = None  # how the decoder runs: (ids, batch size) -> final hidden states per batch; None: in memory
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _kl(x: ObjectiveInputs) -> float:
 
 @_objective("perplexity", "minimize", "perplexity", "perplexity on the held-out evaluation text")
 def _perplexity(x: ObjectiveInputs) -> float:
-    return perplexity(x.model, x.held_out, x.evaluation.batch_size)
+    return perplexity(x.model, x.held_out, x.evaluation.batch_size, hidden=x.hidden)
 
 
 @_objective("kept_fraction", "minimize", "static", "fraction of prunable weights kept")
@@ -99,14 +100,17 @@ def directions(names: list[str]) -> list[str]:
 
 
 def reconstruction_pass(model: nn.Module, ref: DenseReference, names: list[str], stages: Sequence[int] = (),
-                        on_stage: Callable[[int, float], bool] | None = None) -> dict[str, float] | None:
+                        on_stage: Callable[[int, float], bool] | None = None, hidden=None) -> dict[str, float] | None:
     """The one pass over the reconstruction prompts that the forward objectives among ``names``
-    read ({} when none is asked; KL only when asked). When the first objective is a forward one,
-    the pass runs in ``stages`` (prompt counts) and ``on_stage(prompts, its running value)``
-    may stop it after any stage but the last: the result is then None."""
+    read ({} when none is asked; KL and the Frobenius error only when asked). When the first
+    objective is a forward one, the pass runs in ``stages`` (prompt counts) and
+    ``on_stage(prompts, its running value)`` may stop it after any stage but the last: the
+    result is then None. ``hidden``: how the decoder runs (reconstruction_error)."""
     if not any(objective(n).kind == "forward" for n in names):
         return {}
     hook = None
     if on_stage is not None and objective(names[0]).kind == "forward":
         hook = lambda prompts, running: on_stage(prompts, running[names[0]])  # noqa: E731
-    return reconstruction_error(model, ref, kl="kl" in names, stages=stages, on_stage=hook)
+    frobenius = bool({"frobenius", "frobenius_rel"} & set(names))
+    return reconstruction_error(model, ref, kl="kl" in names, stages=stages, on_stage=hook, frobenius=frobenius,
+                                hidden=hidden)

@@ -31,7 +31,7 @@ class EvaluatorActor:
     def ready(self) -> dict:
         ev = self.evaluator
         return {"pid": os.getpid(), "worker": self.worker, "startup_s": ev.startup_s, "device": str(ev.device), "layout": ev.layout.to_dict(),
-                "stages": ev.stages, "dense_cached": ev.dense_cached,
+                "stages": ev.stages, "dense_cached": ev.dense_cached, "memory": ev.memory, "memory_line": ev.memory_line(),
                 "block_class": type(decoder_blocks(ev.model)[0]).__name__, "linear_names": [l.name for l in ev.linears]}
 
     def dense_side(self) -> dict:

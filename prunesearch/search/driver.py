@@ -223,6 +223,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummar
         say("starting evaluators: loading the model, calibration statistics and the dense reference ...")
         pool = EvaluatorPool(cfg, cfg.storage, name)
         say(_ready_line(pool.info, time.perf_counter() - t))
+        _record_memory(study, pool.info, say)
         dispatcher = Dispatcher(study, pool, cfg.search.heartbeat_s)
         layout = ModelLayout.from_dict(pool.layout)
         space = make_study_space(cfg, layout)
@@ -249,6 +250,17 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummar
         if started_ray:
             ray.shutdown()
     return _summary(study, name, time.perf_counter() - t0, stopped_by)
+
+
+def _record_memory(study: optuna.Study, info: list[dict], say) -> None:
+    """Say where each distinct worker keeps the model and what it holds; record it on the study."""
+    lines = sorted({i["memory_line"] for i in info if i.get("memory_line")})
+    for line in lines:
+        say(f"memory: {line}")
+    if any(i.get("memory") for i in info):
+        known = dict(study.user_attrs.get(attrs.WORKER_MEMORY) or {})
+        known.update({i["worker"]: i["memory"] for i in info if i.get("memory")})
+        study.set_user_attr(attrs.WORKER_MEMORY, known)
 
 
 def _ready_line(info: list[dict], seconds: float) -> str:

@@ -9,6 +9,10 @@ reconstruction prompts (the Gram trick spares the lm_head), and perplexity only 
 Which model a trial runs on is a ``TrialModel`` (trial_model.py): the study's one model, or,
 in a study that searches how many blocks to remove (``space.remove_layers``), the model switched
 between k values (searched_removal.py).
+
+Where the model lives is a ``Plan`` (placement.py, ``workers.offload``): all of it on the device
+(the default where it fits), or its blocks run one at a time from host memory or spread over
+several GPUs (streaming.py), with the calibration and the dense reference gathered the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from prunesearch.errors import UserError
 from prunesearch.kvcache import kv_context, kv_quant_config
 from prunesearch.models import load_model, prunable_linears
 from prunesearch.models.families import PrunableLinear, linears_by_block
-from prunesearch.objectives.reconstruction import DenseReference
+from prunesearch.models.loading import resolve_device
+from prunesearch.objectives.reconstruction import DenseReference, kl_top_k
 from prunesearch.objectives.registry import ObjectiveInputs, objective, reconstruction_pass
 from prunesearch.pruning import metrics
 from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
@@ -37,7 +42,9 @@ from prunesearch.spaces import Candidate, ModelLayout, linears_in_order, unit_of
 from prunesearch.workers.dense_cache import (from_blob, load_dense, model_fingerprint, model_parts, save_dense, side_key,
                                              to_blob)
 from prunesearch.workers.result import TrialResult
+from prunesearch.workers import placement
 from prunesearch.workers.searched_removal import SearchedRemoval
+from prunesearch.workers.streaming import BlockStream, StreamedMasker, place_model
 from prunesearch.workers.trial_model import FixedModel, TrialModel
 
 OnStage = Callable[[int, float], bool]  # (prompts run, running primary value) -> stop?
@@ -53,11 +60,14 @@ class Evaluator:
         m = self.cfg.model
         self.stages: dict[str, float] = {}  # start-up stage -> seconds, for the driver's start-up lines
         t = time.perf_counter()
-        self.lm = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_layers=m.max_layers)
+        device = resolve_device(m.device)  # loaded in host memory, then placed by the plan
+        self.lm = load_model(m.name, dtype=m.dtype, device="cpu", trust_remote_code=m.trust_remote_code, max_layers=m.max_layers)
         self.model = self.lm.model
-        self.device = next(self.model.parameters()).device
+        self.plan = self._place(device)
+        self.device = placement.compute_devices(device)[0] if self.plan.streamed else next(self.model.parameters()).device
         self.stages["model load"], t = time.perf_counter() - t, time.perf_counter()
-        calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation, model=self.model)
+        calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation,
+                                     model=None if self.plan.streamed else self.model)
         self.held_out = held_out if any(objective(n).kind == "perplexity" for n in self.cfg.objectives) else None
         self.kv_quant = kv_quant_config(self.cfg.kv_cache)  # how the cache is quantized; the bits are the candidate's
         self.stages["text"], t = time.perf_counter() - t, time.perf_counter()
@@ -68,14 +78,62 @@ class Evaluator:
         self.layout = ModelLayout.of(linears)  # what the space searches: the full model when it searches removal
         p = self.cfg.pruning
         self.nm = parse_structure(p.structure)
-        masker = FastMasker(linears, self.dense_stats, p.metric, resolve_group(p.metric, p.group), self.nm)
+        self.stream = None  # the block-by-block pass when the plan streams
+        if self.plan.streamed:
+            masker = StreamedMasker(linears, self.dense_stats, p.metric, resolve_group(p.metric, p.group), self.nm,
+                                    work_device=self.device)
+            self.stream = BlockStream(self.model, linears, self.plan.block_devices(), self.device, masker)
+        else:
+            masker = FastMasker(linears, self.dense_stats, p.metric, resolve_group(p.metric, p.group), self.nm)
+        if "kl" in self.cfg.objectives:  # the dense side's log-probabilities, once: a KL trial pays the pruned side only
+            n_tokens, vocab = self.ref.ids.numel(), self.model.get_output_embeddings().weight.shape[0]
+            self.ref.prepare_kl(self.model, kl_top_k(self.cfg.kl_cache, n_tokens, vocab))
         self.trial_model: TrialModel
         if self.cfg.space.remove_layers:
             self.trial_model = SearchedRemoval(self.model, calib, self.cfg, self.layout, linears, self.dense_stats, masker, self.nm)
         else:
             self.trial_model = FixedModel(linears, self.dense_stats, masker, self.cfg, self.layout, self.nm, self._removed_blocks())
         self.stages["ranking scores"] = time.perf_counter() - t
+        self.memory = self._holdings()
         self.startup_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ where the model lives
+    def _place(self, device: torch.device) -> placement.Plan:
+        """Measure the loaded model, choose in memory or blocks (``workers.offload``), put it there."""
+        c = self.cfg
+        sizes = placement.measure(self.model, prunable_linears(self.model), c.reconstruction_samples,
+                                  c.calibration.seq_len, c.calibration.batch_size)
+        devices = placement.compute_devices(device)
+        plan = placement.plan(sizes, c.workers.offload, devices, *placement.budgets(devices, c.workers.memory_gb))
+        if not plan.streamed:
+            self.model.to(devices[0])
+            return plan
+        refused = [why for why, bad in (
+            ("space.remove_layers (a searched removal switches whole models)", c.space.remove_layers),
+            ("pruning.remove_layers", c.pruning.remove_layers),
+            (f"calibration.select: {c.calibration.select} (it embeds a pool with the whole model)", c.calibration.select != "none"),
+        ) if bad]
+        if refused:
+            raise UserError(f"with the model's blocks streamed ({plan.reason}) this study cannot use {refused[0]}: "
+                            f"turn it off, or use a device that holds the model (workers.offload: none)")
+        place_model(self.model, plan.block_devices(), devices[0])
+        return plan
+
+    def _holdings(self) -> dict:
+        cache = sum(t.numel() * t.element_size() for t in (self.ref.ids, self.ref.hidden, self.ref.gram))
+        cache += sum(sum(t.numel() * t.element_size() for t in (s.mean, s.m2, s.xtx, s.cos, s.cos2, s.cos2_col)
+                         if t is not None) for s in self.dense_stats.values())
+        kl = self.ref.kl_cache.nbytes if self.ref.kl_cache is not None else 0
+        held = placement.holdings(self.plan, self.plan.sizes, cache, kl)
+        return placement.as_record(self.plan, held)
+
+    def memory_line(self) -> str:
+        """What this worker holds, for the start-up lines."""
+        return f"{self.plan.summary()} ({self.plan.reason}); holds {placement.holdings_line(self.memory['holds'])}"
+
+    def _hidden(self, start: int, end: int):
+        """The reconstruction prompts start:end through the streamed blocks (None: in memory)."""
+        return self.stream.hidden(self.ref.ids[start:end], self.ref.batch_size)
 
     def _dense_side(self, calib: torch.Tensor, shared: dict | None):
         """Statistics of the model as the search prunes it, and the reference of the dense one.
@@ -92,6 +150,14 @@ class Evaluator:
         self.dense_cached = got is not None  # from this node's disk or another worker, not computed here
         stats, ref = got if got else (None, None)
         bs = c.calibration.batch_size
+        if self.plan.streamed and (stats is None or ref is None):  # one pass, block by block: statistics and reference
+            linears = prunable_linears(self.model)
+            got_stats, hidden = BlockStream(self.model, linears, self.plan.block_devices(), self.device).dense_pass(
+                calib, bs, metrics.stats_extras(p.metric), keep=c.reconstruction_samples)
+            stats = stats or got_stats
+            ref = ref or DenseReference.of_hidden(self.model, calib[: c.reconstruction_samples], hidden, bs)
+            save_dense(key, stats, ref)
+            return stats, ref
         if ref is None:  # of the dense model, before any block goes
             ref = DenseReference.compute(self.model, calib[: c.reconstruction_samples], bs)
         if p.remove_layers:
@@ -184,13 +250,14 @@ class Evaluator:
             return prompts == screen or (on_stage is not None and on_stage(prompts, value))
 
         with kv_context(self.model, kv):
-            forward = reconstruction_pass(self.model, self.ref, names, stages, staged if on_stage or screen else None)
+            forward = reconstruction_pass(self.model, self.ref, names, stages, staged if on_stage or screen else None,
+                                          hidden=self._hidden if self.stream else None)
             timings = {"mask_s": t_mask, **({"switch_s": switch_s} if switch_s is not None else {})}  # mask_s includes it
             if forward is None:
                 return TrialResult(ratios, achieved, pruned=True, prompts=ran[0], partial=ran[1], screened=ran[0] == screen,
                                    removed_blocks=removed, kept_sparsity=kept, timings={**timings, "total_s": time.perf_counter() - t0})
             inputs = ObjectiveInputs(self.model, achieved, self.cfg.pruning.sparsity, kv.bits, self.kv_quant, forward,
-                                     self.held_out, self.cfg.evaluation)
+                                     self.held_out, self.cfg.evaluation, hidden=self.stream.hidden if self.stream else None)
             values = {n: objective(n).compute(inputs) for n in names}
         return TrialResult(ratios, achieved, values=[values[n] for n in names], named=values,
                            metric=cand.metric or self.cfg.pruning.metric, prompts=self.ref.ids.shape[0] if forward else None,
