@@ -40,16 +40,17 @@ class DenseReference:
         them (``top_k`` None) or the top k of each position. Kept on the host, float32."""
         rows = self.hidden.reshape(-1, self.hidden.shape[-1])
         device = model.get_output_embeddings().weight.device
-        parts, idx = [], []
+        parts, idx, rest = [], [], []
         for c in range(0, rows.shape[0], TOKEN_CHUNK):
             logits = logits_from_hidden(model, rows[c : c + TOKEN_CHUNK].to(device))
             logp = logits - torch.logsumexp(logits, -1, keepdim=True)
             if top_k is not None and top_k < logp.shape[-1]:
                 vals, where = logp.topk(top_k, dim=-1)
                 parts.append(vals.cpu()), idx.append(where.to(torch.int32).cpu())
+                rest.append(logp.scatter(-1, where, float("-inf")).logsumexp(-1).cpu())  # log of the mass left over
             else:
                 parts.append(logp.cpu())
-        self.kl_cache = DenseLogProbs(torch.cat(parts), torch.cat(idx) if idx else None)
+        self.kl_cache = DenseLogProbs(torch.cat(parts), torch.cat(idx) if idx else None, torch.cat(rest) if rest else None)
         return self.kl_cache
 
     @classmethod
@@ -62,14 +63,24 @@ class DenseReference:
     @torch.no_grad()
     def of_hidden(cls, model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor, batch_size: int) -> "DenseReference":
         """The reference of dense final hidden states computed elsewhere (block by block)."""
-        W = model.get_output_embeddings().weight.detach().double()
-        return cls(ids.cpu(), hidden.float().cpu(), (W.t() @ W).cpu(), batch_size)
+        return cls(ids.cpu(), hidden.float().cpu(), gram_of(model.get_output_embeddings().weight), batch_size)
 
     @cached_property
     def dense_sq_norm(self) -> float:
         """||H_d W^T||_F^2, to make the error relative (bias left out)."""
         h = self.hidden.reshape(-1, self.hidden.shape[-1]).double()
         return ((h @ self.gram) * h).sum().item()
+
+
+@torch.no_grad()
+def gram_of(W: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """W^T W in float64 on the host, summed over row chunks: a float64 copy of a whole lm_head
+    (vocab x hidden) would be twice its float32 size at once."""
+    G = torch.zeros(W.shape[1], W.shape[1], dtype=torch.float64, device=W.device)
+    for r in range(0, W.shape[0], rows):
+        chunk = W[r : r + rows].double()
+        G.addmm_(chunk.t(), chunk)
+    return G.cpu()
 
 
 @dataclass
@@ -79,24 +90,26 @@ class DenseLogProbs:
 
     logp: torch.Tensor  # (tokens, vocab or k) float32
     index: torch.Tensor | None = None  # (tokens, k) int32
+    rest: torch.Tensor | None = None  # (tokens,) log of the probability outside the top k
 
     @property
     def nbytes(self) -> int:
-        return self.logp.numel() * 4 + (self.index.numel() * 4 if self.index is not None else 0)
+        return sum(t.numel() * t.element_size() for t in (self.logp, self.index, self.rest) if t is not None)
 
     def kl_sum(self, logp_pruned: torch.Tensor, rows: slice) -> float:
         """sum over ``rows`` of KL(dense || pruned), given the pruned log-probs of those rows.
-        With the top k only, the rest of the vocabulary is one bucket on each side (its mass
-        1 - the top k's): a lower bound of the full KL, exact as k reaches the vocabulary."""
+        With the top k only, the rest of the vocabulary is one bucket on each side: a lower
+        bound of the full KL (coarser distributions never diverge more), exact as k reaches the
+        vocabulary. Both leftover masses are log-sum-exps, never 1 minus a sum near 1."""
         ld = self.logp[rows].to(logp_pruned.device, non_blocking=True)
         if self.index is None:
             return ld.exp().mul_(ld - logp_pruned).sum().item()
-        lp = logp_pruned.gather(1, self.index[rows].to(logp_pruned.device, non_blocking=True).long())
-        d = ld.exp()
-        head = d.mul(ld - lp).sum()
-        rest_d = (1 - d.sum(1)).clamp_min(0)
-        rest_p = (1 - lp.exp().sum(1)).clamp_min(1e-30)
-        tail = torch.where(rest_d > 0, rest_d * (rest_d.clamp_min(1e-30).log() - rest_p.log()), 0.0)
+        where = self.index[rows].to(logp_pruned.device, non_blocking=True).long()
+        lp = logp_pruned.gather(1, where)
+        head = ld.exp().mul(ld - lp).sum(dtype=torch.float64)
+        rest_d = self.rest[rows].to(logp_pruned.device, non_blocking=True).double()
+        rest_p = logp_pruned.scatter(1, where, float("-inf")).logsumexp(1).double()
+        tail = torch.where(rest_d > float("-inf"), rest_d.exp() * (rest_d - rest_p), 0.0)
         return (head + tail.sum()).item()
 
 

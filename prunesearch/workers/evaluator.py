@@ -64,6 +64,7 @@ class Evaluator:
         self.lm = load_model(m.name, dtype=m.dtype, device="cpu", trust_remote_code=m.trust_remote_code, max_layers=m.max_layers)
         self.model = self.lm.model
         self.plan = self._place(device)
+        placement.give_back_freed()  # what loading and converting the checkpoint freed
         self.device = placement.compute_devices(device)[0] if self.plan.streamed else next(self.model.parameters()).device
         self.stages["model load"], t = time.perf_counter() - t, time.perf_counter()
         calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation,
@@ -73,6 +74,7 @@ class Evaluator:
         self.stages["text"], t = time.perf_counter() - t, time.perf_counter()
         self.fixed_removal = None  # what pruning.remove_layers removed before the search, if anything
         self.dense_stats, self.ref = self._dense_side(calib, dense)  # removes blocks first when the study says so
+        placement.give_back_freed()  # the calibration's activations
         self.stages["dense side"], t = time.perf_counter() - t, time.perf_counter()
         linears = prunable_linears(self.model)
         self.layout = ModelLayout.of(linears)  # what the space searches: the full model when it searches removal
@@ -93,6 +95,7 @@ class Evaluator:
             self.trial_model = SearchedRemoval(self.model, calib, self.cfg, self.layout, linears, self.dense_stats, masker, self.nm)
         else:
             self.trial_model = FixedModel(linears, self.dense_stats, masker, self.cfg, self.layout, self.nm, self._removed_blocks())
+        placement.give_back_freed()  # the scores the ranks came from
         self.stages["ranking scores"] = time.perf_counter() - t
         self.memory = self._holdings()
         self.startup_s = time.perf_counter() - t0

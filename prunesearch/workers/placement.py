@@ -12,6 +12,7 @@ the loaded model's tensors, so the start-up line and the refusal say what was me
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -76,6 +77,16 @@ def measure(model: nn.Module, linears: list[PrunableLinear], n_prompts: int, seq
                (getattr(cfg, "num_attention_heads", None) or 1) * seq_len // 2)
     acts = 4 * seq_len * (2 * n_prompts * hidden + 3 * min(batch_size, n_prompts) * wide)
     return Sizes(per_block, prunable, numel, total - sum(per_block), acts)
+
+
+def give_back_freed() -> None:
+    """Hand the heap's freed pages back to the OS (glibc's malloc_trim): start-up frees many
+    tensors of a layer's size (load conversions, scores, calibration activations), and glibc
+    keeps them in its heap, where they count as the worker's memory until it exits."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def free_bytes(device: torch.device) -> int:

@@ -29,6 +29,7 @@ from prunesearch.pruning import metrics
 from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.masks import NM, layer_mask, score_ranks
 from prunesearch.pruning.stats import ColumnStats, StatsCollector
+from prunesearch.workers.placement import give_back_freed
 
 HOST = torch.device("cpu")
 
@@ -92,6 +93,8 @@ class StreamedMasker(FastMasker):
             scores = metrics.score(metric, w.to(self.work_device), self._stats_on(lin, self.work_device))
             ranks = score_ranks(scores, self.group, self.nm)
             self.ranks[lin.name] = ranks.to(w.device) if w.device == self.work_device else _host(ranks)
+            del scores, ranks
+            give_back_freed()  # the sort's buffers, between the ranks kept: else the heap grows by fragments
 
     def _stats_on(self, lin: PrunableLinear, device: torch.device) -> ColumnStats | None:
         st = self._stats_of(lin)
