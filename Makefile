@@ -47,6 +47,7 @@ bench: $(STAMP)
 # every method and study kind on the accelerator (CUDA when present), checked against the CPU
 device-check: $(STAMP)
 	$(PY) bench/device_check.py --cpu-check
+	$(PY) bench/memory.py --sizes 2 --modes blocks none
 
 clean:
 	rm -rf $(VENV) out *.egg-info

@@ -96,6 +96,7 @@ def study_cases(args) -> list[tuple[str, dict]]:
 
     return [
         ("TPE blockwise, KL", case()),
+        ("TPE blockwise, KL, blocks streamed from host", case(workers={"offload": "blocks"})),
         ("TPE blockwise + KV bits, KL + kv_bytes", case(space={"kv_bits": True}, objectives=["kl", "kv_bytes"])),
         ("SparseGPT study, 50%", case(pruning={"metric": "sparsegpt", "sparsity": 0.5})),
         ("searched removal k in 0..2, 50%", case(pruning={"sparsity": 0.5}, space={"remove_layers": [0, 1, 2]})),

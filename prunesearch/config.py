@@ -320,9 +320,11 @@ class SearchConfig(Strict):
 
 class WorkersConfig(Strict):
     count: int | Literal["auto"] = Field(1, description="evaluator actors (each holds one model copy); auto: one per "
-                                                        "GPU in the cluster when num_gpus > 0, else as many as its CPUs fit")
+                                                        "num_gpus GPUs in the cluster when num_gpus > 0, else as many "
+                                                        "as its CPUs fit")
     num_cpus: float = Field(1, gt=0, description="Ray CPUs per actor")
-    num_gpus: float = Field(0, ge=0, description="Ray GPUs per actor")
+    num_gpus: float = Field(0, ge=0, description="Ray GPUs per actor; with several (e.g. 4) an actor places "
+                                                 "consecutive decoder blocks on them (a 70B model as one worker)")
     memory_gb: float | None = Field(None, gt=0, description="Ray memory reserved per actor (places actors by memory "
                                                             "too); the host memory a worker plans its model within")
     threads: int | None = Field(None, ge=1, description="torch threads per actor (default: num_cpus)")

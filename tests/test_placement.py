@@ -43,6 +43,8 @@ def test_a_70b_model_spreads_over_four_80gb_gpus_and_streams_what_is_left():
     assert held["model"]["host"] == len(streamed) * s.blocks[0] and held["dense copy"] == {"host": 0, "device": 0}
     with pytest.raises(UserError, match="does not fit its 2 devices .* workers.offload: auto"):
         plan(s, "none", GPUS[:2], [80 * GiB] * 2, host_free=512 * GiB)
+    small = _sizes(n_blocks=4, block_gib=0.1, head_gib=0.1)  # fits the first GPU whole: in memory there, fastest
+    assert plan(small, "auto", GPUS, [80 * GiB] * 4, host_free=512 * GiB).summary() == "in memory on cuda:0"
 
 
 def test_one_device_in_memory_when_it_fits_streamed_when_not_and_refused_with_numbers():

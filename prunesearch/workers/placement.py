@@ -164,16 +164,14 @@ def plan(sizes: Sizes, offload: str, devices: list[torch.device], free: list[int
     names = [str(d) for d in devices]
     budgets = [int(f * headroom) for f in free]
     on_cpu = devices[0].type == "cpu"
-    fits_memory = len(devices) == 1 and sizes.in_memory() <= budgets[0]
+    fits_memory = sizes.in_memory() <= budgets[0]  # the fastest path, on the first device, whatever the others
+    if offload != "blocks" and fits_memory:
+        return Plan("memory", names, sizes=sizes, reason="workers.offload: none" if offload == "none" else "it fits the device")
     if offload == "none" and len(devices) == 1:
-        if not fits_memory:
-            raise UserError(f"the model does not fit {names[0]} in memory: it needs {gib(sizes.in_memory())} (model "
-                            f"{gib(sizes.model)}, dense copy {gib(sum(sizes.prunable))}, ranks {gib(sizes.ranks())}, "
-                            f"activations {gib(sizes.activations)}), {gib(free[0])} is free; set workers.offload: "
-                            f"auto or blocks to stream its blocks")
-        return Plan("memory", names, sizes=sizes, reason="workers.offload: none")
-    if offload == "auto" and fits_memory:
-        return Plan("memory", names, sizes=sizes, reason="it fits the device")
+        raise UserError(f"the model does not fit {names[0]} in memory: it needs {gib(sizes.in_memory())} (model "
+                        f"{gib(sizes.model)}, dense copy {gib(sum(sizes.prunable))}, ranks {gib(sizes.ranks())}, "
+                        f"activations {gib(sizes.activations)}), {gib(free[0])} is free; set workers.offload: "
+                        f"auto or blocks to stream its blocks")
     if on_cpu:  # host and device are one memory: every block stays put and is masked as it runs
         need = sizes.model + sizes.ranks() + sizes.working()
         if need > int(host_free * headroom):
