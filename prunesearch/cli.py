@@ -157,6 +157,10 @@ def _print_prune_report(report: dict, out: Path | None) -> None:
                       + _counted_units(report, split), soft_wrap=True)
     pruned, total, goal = report["pruned_weights"], report["prunable_weights"], report["target_weights"]
     budget = f"round({report['target_sparsity']} x {total:,})"
+    if report.get("prunable_set"):
+        out_console.print(f"prunable: {report['prunable_set']}", soft_wrap=True)
+    if (unrouted := report.get("unrouted_experts") or {}).get("count"):
+        out_console.print(f"experts no calibration token reached (pruned by magnitude): {unrouted['count']}", soft_wrap=True)
     if pruned == goal:
         out_console.print(f"weights pruned: {pruned:,} of {total:,}, exactly {budget}", soft_wrap=True)
     else:  # N:M: each layer prunes whole multiples of 1/M

@@ -11,7 +11,7 @@ from prunesearch.data.texts import calibration_texts, evaluation_texts
 from prunesearch.errors import UserError
 from prunesearch.kvcache import kv_context, kv_report
 from prunesearch.models import load_model
-from prunesearch.models.families import prunable_linears
+from prunesearch.models.families import audit_blocks, prunable_linears
 from prunesearch.models.saving import bias_fold_problem, check_output_dir, save_pruned
 from prunesearch.objectives.lm import perplexity
 from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
@@ -20,6 +20,12 @@ from prunesearch.pruning.layer_removal import remove_blocks
 from prunesearch.workers import dense_cache
 
 REPORT_NAME = "prune_report.json"
+
+
+def _unrouted_experts(names: list[str]) -> dict:
+    """Experts no calibration token reached (scored by magnitude): how many, and their layers."""
+    experts = {(module, index) for module, _param, index in (n.rsplit(".", 2) for n in names)}
+    return {"count": len(experts), "layers": names}
 
 
 def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True) -> dict:
@@ -109,6 +115,8 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         "removed_layers": None if removal is None else {"blocks": removal.removed, "scales": removal.scales,
                                                          "compensated": cfg.pruning.compensate},
         "stats_source": result.stats_source,
+        "prunable_set": audit_blocks(model)[1].describe(),  # what the sparsity is counted over
+        "unrouted_experts": _unrouted_experts(result.unrouted),
         "calibration": {**cfg.calibration.model_dump(), "tokens": int(calib.numel()), "selection": selection},
         "evaluation": None if held_out is None else {**cfg.evaluation.model_dump(), "tokens": int(held_out.numel())},
         "perplexity": None if held_out is None else {  # None: no evaluation text (--eval none)

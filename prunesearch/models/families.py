@@ -2,7 +2,13 @@
 
 Pruning touches only the linear layers inside decoder blocks: never embeddings or lm_head.
 The family decides where the blocks are; inside a block every ``nn.Linear`` (or GPT-2's
-``Conv1D``, which stores its weight transposed) is prunable.
+``Conv1D``, which stores its weight transposed) is prunable, and so is every expert of a
+mixture-of-experts block, each its own layer: transformers 5 stores a block's experts as fused
+3-D parameters of one ``...Experts`` module (``gate_up_proj`` (experts, 2 x intermediate,
+hidden), ``down_proj`` (experts, hidden, intermediate)), so an expert is a slice of them.
+Routers and gates (``mlp.gate``, ``shared_expert_gate``), norms and biases are deliberately left
+dense; any other parameter of a block is an error naming it, never silently skipped: a budget
+counted over a set that misses half the model would be a false report.
 """
 
 from __future__ import annotations
@@ -72,12 +78,17 @@ def final_modules(model: nn.Module) -> list[nn.Module]:
 
 @dataclass(eq=False)
 class PrunableLinear:
-    """One prunable layer. ``weight`` is always a (d_out, d_in) view of the real parameter."""
+    """One prunable layer. ``weight`` is always a (d_out, d_in) view of the real parameter: the
+    module's ``weight`` (transposed for Conv1D), or for an expert (``expert`` set) its slice of
+    the Experts module's fused 3-D parameter ``param_name``."""
 
     name: str
     block: int
     kind: str  # "attn" or "mlp"
     module: nn.Module
+    param_name: str = "weight"
+    expert: int | None = None  # the expert's index in the fused parameter; None for a whole module
+    moe: nn.Module | None = None  # an expert's MoE block: its forward sees the (batch, seq, hidden) states
 
     @property
     def local_name(self) -> str:
@@ -85,7 +96,14 @@ class PrunableLinear:
         return self.name.split(f".{self.block}.", 1)[-1]
 
     @property
+    def param(self) -> nn.Parameter:
+        """The parameter that stores this layer (shared by every expert of a fused tensor)."""
+        return getattr(self.module, self.param_name)
+
+    @property
     def weight(self) -> torch.Tensor:
+        if self.expert is not None:
+            return self.param.data[self.expert]
         w = self.module.weight.data
         return w.t() if isinstance(self.module, Conv1D) else w
 
@@ -99,25 +117,115 @@ class PrunableLinear:
 
     @property
     def numel(self) -> int:
-        return self.module.weight.numel()
+        return self.weight.numel()
+
+
+def stored_layout(lins: list[PrunableLinear], weights: list[torch.Tensor]) -> torch.Tensor:
+    """The (d_out, d_in) ``weights`` of the layers that share one parameter (a module's weight, or
+    every expert of a fused tensor, in expert order) as that parameter stores them."""
+    if lins[0].expert is None:
+        return weights[0].t() if isinstance(lins[0].module, Conv1D) else weights[0]
+    order = sorted(range(len(lins)), key=lambda k: lins[k].expert)
+    return torch.stack([weights[k] for k in order])
+
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # transformers 5's fused expert layout, (experts, out, in)
 
 
 def _kind(local_name: str) -> str:
     return "attn" if ("attn" in local_name or "attention" in local_name) else "mlp"
 
 
-def prunable_linears(model: nn.Module) -> list[PrunableLinear]:
-    """Every linear layer of every decoder block, in block order."""
+def is_fused_experts(module: nn.Module) -> bool:
+    """An Experts module in the layout whose tokens StatsCollector can route per expert:
+    ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I), not transposed, no biases, gated."""
+    up, down = (getattr(module, n, None) for n in EXPERT_PARAMS)
+    if not (isinstance(up, nn.Parameter) and isinstance(down, nn.Parameter) and up.dim() == 3 and down.dim() == 3):
+        return False
+    if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False) or \
+            not getattr(module, "has_gate", True) or getattr(module, "has_post_expert_norm", False):
+        return False
+    e, two_i, h = up.shape
+    return tuple(down.shape) == (e, h, two_i // 2) and two_i % 2 == 0
+
+
+def _is_router(local: str, module: nn.Module) -> bool:
+    """A MoE router or gate: left dense and outside the budget. transformers 5's ``...TopKRouter``
+    (``mlp.gate``), a linear named ``gate`` (older Mixtral layouts) or ``..._gate`` (Qwen2-MoE's
+    ``shared_expert_gate``, one output). LLaMA's ``gate_proj`` is a layer, not a gate."""
+    last = local.rsplit(".", 1)[-1]
+    return "Router" in type(module).__name__ or last == "gate" or last.endswith("_gate")
+
+
+@dataclass
+class BlockAudit:
+    """What the decoder blocks hold, by role: the prunable set and what is left dense on purpose."""
+
+    prunable: int = 0
+    experts: int = 0  # prunable weights that are expert slices
+    routers: int = 0
+    vectors: int = 0  # norms and biases (1-D)
+    n_experts: int = 0
+
+    def describe(self) -> str:
+        """One line for the report: what is pruned, what is not, and the prunable share."""
+        total = self.prunable + self.routers + self.vectors
+        parts = "attention + MLP" + (f" (experts: {self.n_experts} per MoE block)" if self.experts else "")
+        left = ("routers/gates, " if self.routers else "") + "norms and biases"
+        return f"{parts}; {left} left dense: {self.prunable / max(total, 1):.1%} of the decoder's weights"
+
+
+def _block_layers(block: nn.Module, prefix: str, i: int, audit: BlockAudit) -> list[PrunableLinear]:
+    out: list[PrunableLinear] = []
+    claimed: set[int] = set()
+    routers: list[str] = []
+    for local, module in block.named_modules():
+        if any(local.startswith(r + ".") for r in routers):
+            continue  # inside a router: its parameters are claimed with it
+        if local and _is_router(local, module):
+            routers.append(local)
+            for p in module.parameters():
+                if id(p) not in claimed:
+                    claimed.add(id(p))
+                    audit.routers += p.numel()
+        elif isinstance(module, (nn.Linear, Conv1D)):
+            out.append(PrunableLinear(f"{prefix}.{i}.{local}", i, _kind(local), module))
+            claimed.add(id(module.weight))
+        elif is_fused_experts(module):
+            moe = block.get_submodule(local.rsplit(".", 1)[0]) if "." in local else block
+            for pname in EXPERT_PARAMS:
+                p = getattr(module, pname)
+                out.extend(PrunableLinear(f"{prefix}.{i}.{local}.{pname}.{e}", i, "mlp", module, pname, e, moe)
+                           for e in range(p.shape[0]))
+                claimed.add(id(p))
+                audit.experts += p.numel()
+            audit.n_experts = max(audit.n_experts, getattr(module, "gate_up_proj").shape[0])
+    for pname, p in block.named_parameters():
+        if id(p) in claimed:
+            continue
+        if p.dim() <= 1:
+            audit.vectors += p.numel()
+            continue
+        raise UserError(f"{prefix}.{i}.{pname} {tuple(p.shape)} is neither a layer prunesearch prunes nor a router, norm or bias it leaves dense: "
+                        f"this architecture's layout is not supported")
+    audit.prunable += sum(l.numel for l in out)
+    return out
+
+
+def audit_blocks(model: nn.Module) -> tuple[list[PrunableLinear], BlockAudit]:
+    """Every prunable layer of every decoder block, in block order, and what the blocks hold."""
     blocks = decoder_blocks(model)
     prefix = find_family(model).blocks_path
-    out = []
-    for i, block in enumerate(blocks):
-        for local, module in block.named_modules():
-            if isinstance(module, (nn.Linear, Conv1D)):
-                out.append(PrunableLinear(f"{prefix}.{i}.{local}", i, _kind(local), module))
+    audit = BlockAudit()
+    out = [lin for i, block in enumerate(blocks) for lin in _block_layers(block, prefix, i, audit)]
     if not out:
         raise UserError("the model's decoder blocks hold no linear layers to prune")
-    return out
+    return out, audit
+
+
+def prunable_linears(model: nn.Module) -> list[PrunableLinear]:
+    """Every linear layer (and expert slice) of every decoder block, in block order."""
+    return audit_blocks(model)[0]
 
 
 def linears_by_block(linears: list[PrunableLinear]) -> list[list[PrunableLinear]]:

@@ -31,7 +31,9 @@ def bias_fold_problem(model: nn.Module, added: list[str] | None = None) -> str |
     """Why biases added to ``added`` (default: every layer that has none yet) could not be stored
     in this architecture, or None if they can."""
     for lin in prunable_linears(model):
-        needs = lin.name in added if added is not None else lin.module.bias is None
+        needs = lin.name in added if added is not None else getattr(lin.module, "bias", None) is None
+        if needs and lin.expert is not None:
+            return f"STADE bias compensation adds a bias to {lin.name}, a MoE expert, which has none: run without it"
         if needs and not hasattr(model.config, BIAS_FLAGS[lin.kind]):
             return (f"STADE bias compensation adds a bias to {lin.name}, which {type(model).__name__} cannot store "
                     f"(no '{BIAS_FLAGS[lin.kind]}' switch in its config): run without bias compensation to export")

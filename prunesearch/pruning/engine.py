@@ -21,7 +21,7 @@ from prunesearch.pruning import metrics
 from prunesearch.pruning.allocations import ALLOCATIONS, AllocationContext
 from prunesearch.pruning.budget import round_to_grid, weighted_mean
 from prunesearch.pruning.masks import NM, layer_counts, layer_mask, parse_structure
-from prunesearch.pruning.stats import ColumnStats, StatsCollector
+from prunesearch.pruning.stats import ColumnStats, StatsCollector, unreached
 from prunesearch.pruning.sparsegpt import solve
 
 MODES = ("one_shot", "sequential")
@@ -60,6 +60,7 @@ class PruneResult:
     structure: str
     timings: dict[str, float] = field(default_factory=dict)
     added_bias: list[str] = field(default_factory=list)
+    unrouted: list[str] = field(default_factory=list)  # expert layers no calibration token reached: magnitude
 
     @property
     def achieved(self) -> float:
@@ -119,6 +120,9 @@ def check_spec(spec: PruneSpec, linears: list[PrunableLinear] | None = None) -> 
     if metrics.is_solver(spec.metric):
         if spec.bias_compensation:
             raise UserError("bias compensation is STADE's: SparseGPT's own updates already compensate")
+    if spec.bias_compensation and any(l.expert is not None for l in linears or []):
+        raise UserError("bias compensation needs a bias per layer, and MoE experts (fused tensors) have none: "
+                        "run without it")
     nm = parse_structure(spec.structure)
     if nm is not None:
         units = spec.sparsity * nm.m
@@ -184,7 +188,7 @@ class _LayerPruner:
         """Prune exactly ``count`` weights of ``lin`` (``layer_counts``); returns the share of its
         weights now zero and the number the mask removed."""
         W = lin.weight
-        if metrics.is_solver(self.spec.metric):
+        if metrics.is_solver(self.spec.metric) and not unreached(stats):
             mask = solve(self.spec.metric, W, count, self.nm, stats.xtx)
             return (W == 0).float().mean().item(), int(mask.sum())
         mask = layer_mask(count, self.group, self.nm, scores=metrics.score(self.spec.metric, W, stats))
@@ -257,13 +261,17 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
 
     pruner = _LayerPruner(spec, group, nm)
     records: list[LayerRecord] = []
+    unrouted: list[str] = []
     counts = dict(zip((l.name for l in linears), layer_counts([ratio_of(ratios[l.block], l) for l in linears],
                                                              [tuple(l.weight.shape) for l in linears], nm)))
 
     def prune_block(b: int, stats: dict[str, ColumnStats] | None) -> None:
         for lin in blocks[b]:
             target = ratio_of(ratios[b], lin)
-            achieved, pruned = pruner(lin, counts[lin.name], stats.get(lin.name) if stats else None)
+            st = stats.get(lin.name) if stats else None
+            if lin.expert is not None and unreached(st):
+                unrouted.append(lin.name)
+            achieved, pruned = pruner(lin, counts[lin.name], st)
             records.append(LayerRecord(lin.name, b, lin.kind, lin.numel, target, achieved, pruned))
 
     t = time.perf_counter()
@@ -277,7 +285,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
         stats_source = "sequential: each block's inputs from the already pruned blocks" if metric_stats else "none (weights only)"
     timings["pruning"] = time.perf_counter() - t  # sequential mode: includes the block forwards
     timings["total"] = time.perf_counter() - t_start
-    return PruneResult(records, ratios, stats_source, group, str(nm) if nm else "unstructured", timings, pruner.added_bias)
+    return PruneResult(records, ratios, stats_source, group, str(nm) if nm else "unstructured", timings, pruner.added_bias,
+                       unrouted)
 
 
 def _dense_metrics(spec: PruneSpec, alloc_entry, alloc_params: dict) -> list[str]:

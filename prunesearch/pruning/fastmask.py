@@ -17,7 +17,7 @@ from prunesearch.models.families import PrunableLinear
 from prunesearch.pruning import metrics
 from prunesearch.pruning.masks import NM, layer_counts, layer_mask, score_ranks
 from prunesearch.pruning.sparsegpt import HessianFactor, solve, solver_params
-from prunesearch.pruning.stats import ColumnStats
+from prunesearch.pruning.stats import ColumnStats, unreached
 
 
 class FastMasker:
@@ -86,6 +86,10 @@ class FastMasker:
             if sparsity[lin.name] <= 0:
                 continue
             st = self._stats_of(lin)
+            if unreached(st):  # an expert no calibration token reached: magnitude, as prune does
+                W.masked_fill_(layer_mask(counts[lin.name], self.group, self.nm, scores=metrics.score(metric, W, st)), 0)
+                masked += counts[lin.name]
+                continue
             if st is None or st.xtx is None:
                 raise ValueError(f"{metric} needs X^T X of {lin.name}: collect the statistics with want_xtx")
             if lin.name not in self.factors:

@@ -11,7 +11,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from prunesearch.pruning.stats import ColumnStats
+from prunesearch.pruning.stats import ColumnStats, unreached
 from prunesearch.registry import Registry
 
 METRICS = Registry("metric")
@@ -108,6 +108,10 @@ def metric_needs_stats(spec: str) -> bool:
 
 
 def score(spec: str, W: torch.Tensor, stats: ColumnStats | None) -> torch.Tensor:
-    """Scores of one layer under a metric spec such as ``wanda`` or ``ria:a=0.5`` (float32)."""
+    """Scores of one layer under a metric spec such as ``wanda`` or ``ria:a=0.5`` (float32). An
+    expert that no calibration token reached (``unreached``) is scored by magnitude: its
+    activation statistics are empty, and every activation metric would score it all zero."""
     entry, params = METRICS.resolve(spec)
+    if unreached(stats) and entry.meta.get("needs_stats", True):
+        return magnitude(W.float(), None)
     return entry.fn(W.float(), stats, **params)

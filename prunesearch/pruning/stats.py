@@ -1,5 +1,11 @@
 """Per-input-column activation statistics, gathered by forward hooks in one streaming pass.
 
+An expert of a mixture-of-experts block sees only the tokens its router sends it: one hook on
+the Experts module splits each batch by the router's top-k choice (the module's own inputs),
+feeds expert e's gate_up slice its tokens and its down slice their gated intermediate
+(recomputed: one extra gate_up product per expert during calibration). An expert no token
+reached keeps ``n_tokens == 0`` (``metrics.score`` then falls back to magnitude).
+
 Nothing stores activations: each batch is folded into running (count, mean, M2) with Chan's
 parallel update, in float64 so long calibration runs stay exact enough. From these follow
 Wanda's column norm, STADE's variance and the means that bias compensation needs. Two extras are
@@ -13,6 +19,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn import functional as F
 
 from prunesearch.models.families import PrunableLinear
 
@@ -49,12 +56,13 @@ class ColumnStats:
             self.cos2 = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=self.device)
             self.cos2_col = torch.zeros(self.d_in, dtype=torch.float32, device=self.device)
 
-    def update(self, x: torch.Tensor, out: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor, out: torch.Tensor | None = None, count_seqs: bool = True) -> None:
         """Fold one batch of inputs (..., d_in) in; ``out`` (..., d_out), the layer's outputs,
         feeds the cosine statistic: sum over tokens t of |a_ti| |x_tj| / ||a_t||^2, ACE's
         first-order expression -a_i da_i / ||a||^2 per unit of |W_ij| (see metrics.cosp). For a
         fused projection (GPT-2 c_attn, q|k|v) ||a_t|| is over the concatenated output."""
-        self.n_seqs += x.shape[0] if x.dim() == 3 else 1
+        if count_seqs:  # an expert's sequences are counted by its MoE block (all of them, routed or not)
+            self.n_seqs += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, self.d_in).float()
         if self.cos is not None or self.cos2 is not None:
             if out is None:
@@ -131,6 +139,17 @@ class ColumnStats:
         return self.cos / max(self.n_tokens, 1)
 
 
+def unreached(stats: ColumnStats | None) -> bool:
+    """Statistics of an expert that no calibration token reached: nothing to score with."""
+    return stats is not None and stats.n_tokens == 0
+
+
+def _gated(module, gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up: the intermediate an Experts module without ``_apply_gate`` feeds down_proj."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
 class StatsCollector:
     """Context manager: hooks the given layers and accumulates their input statistics."""
 
@@ -142,11 +161,54 @@ class StatsCollector:
         self._handles = []
 
     def __enter__(self) -> "StatsCollector":
+        experts: dict[int, tuple[PrunableLinear, dict]] = {}  # Experts module -> (a slice, {(param, e): stats})
         for lin in self.linears:
-            st = ColumnStats(lin.d_in, lin.module.weight.device, self.want_xtx, lin.d_out, self.want_cos, self.want_cos2)
+            st = ColumnStats(lin.d_in, lin.param.device, self.want_xtx, lin.d_out, self.want_cos, self.want_cos2)
             self.stats[lin.name] = st
-            self._handles.append(lin.module.register_forward_hook(self._hook(st)))
+            if lin.expert is None:
+                self._handles.append(lin.module.register_forward_hook(self._hook(st)))
+            else:
+                experts.setdefault(id(lin.module), (lin, {}))[1][(lin.param_name, lin.expert)] = st
+        for lin, slices in experts.values():
+            self._handles.append(lin.moe.register_forward_pre_hook(self._count_seqs(list(slices.values()))))
+            self._handles.append(lin.module.register_forward_hook(self._expert_hook(slices), with_kwargs=True))
         return self
+
+    @staticmethod
+    def _count_seqs(stats: list[ColumnStats]):
+        def pre_hook(_module, args):
+            n = args[0].shape[0] if args and args[0].dim() == 3 else 1
+            for st in stats:
+                st.n_seqs += n
+
+        return pre_hook
+
+    @staticmethod
+    def _expert_hook(slices: dict[tuple[str, int], ColumnStats]):
+        """Expert e's statistics from the tokens the router sent it (``top_k_index`` == e)."""
+        wants_out = any(st.cos is not None or st.cos2 is not None for st in slices.values())
+        chosen = sorted({e for _, e in slices})
+
+        @torch.no_grad()
+        def hook(module, args, kwargs, _output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            x = hidden.detach().reshape(-1, hidden.shape[-1])
+            index = index.reshape(x.shape[0], -1)
+            for e in chosen:
+                tokens = (index == e).any(-1).nonzero().squeeze(1)
+                if tokens.numel() == 0:
+                    continue
+                xe = x[tokens]
+                up, down = slices.get(("gate_up_proj", e)), slices.get(("down_proj", e))
+                gate_up = F.linear(xe, module.gate_up_proj[e]) if (down is not None or wants_out) else None
+                if up is not None:
+                    up.update(xe, gate_up if wants_out else None, count_seqs=False)
+                if down is not None:
+                    h = module._apply_gate(gate_up) if hasattr(module, "_apply_gate") else _gated(module, gate_up)
+                    down.update(h, F.linear(h, module.down_proj[e]) if wants_out else None, count_seqs=False)
+
+        return hook
 
     @staticmethod
     def _hook(st: ColumnStats):

@@ -68,8 +68,8 @@ def measure(model: nn.Module, linears: list[PrunableLinear], n_prompts: int, seq
     per_block = [sum(t.numel() * t.element_size() for t in (*b.parameters(), *b.buffers())) for b in blocks]
     prunable, numel = [0] * len(blocks), [0] * len(blocks)
     for lin in linears:
-        prunable[lin.block] += lin.module.weight.numel() * lin.module.weight.element_size()
-        numel[lin.block] += lin.module.weight.numel()
+        prunable[lin.block] += lin.numel * lin.param.element_size()
+        numel[lin.block] += lin.numel
     total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)

@@ -20,10 +20,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from prunesearch.errors import UserError
-from prunesearch.models.families import PrunableLinear, decoder_blocks, final_modules, linears_by_block
+from prunesearch.models.families import PrunableLinear, decoder_blocks, final_modules, linears_by_block, stored_layout
 from prunesearch.models.forward import BlockInput, capture_block_inputs
 from prunesearch.pruning import metrics
 from prunesearch.pruning.fastmask import FastMasker
@@ -153,14 +152,15 @@ class BlockStream:
         """Block i's parameters and buffers on its device (non-prunable ones copied, prunable ones
         masked): id of the tensor's holder -> the tensor to run with."""
         device = self.device_of(i)
-        prunable = {id(l.module.weight): l for l in self.by_block.get(i, [])}
+        prunable: dict[int, list[PrunableLinear]] = {}  # a parameter -> its layers (several: a fused expert tensor)
+        for lin in self.by_block.get(i, []):
+            prunable.setdefault(id(lin.param), []).append(lin)
         out = {}
         block = self.blocks[i]
         for t in (*block.parameters(), *block.buffers()):
-            lin = prunable.get(id(t))
-            if lin is not None and self.masker is not None:
-                w = self.masker.weight_for(lin, device)
-                out[id(t)] = w.t() if isinstance(lin.module, Conv1D) else w  # GPT-2's Conv1D stores W^T
+            lins = prunable.get(id(t))
+            if lins is not None and self.masker is not None:  # as stored: Conv1D's W^T, experts stacked
+                out[id(t)] = stored_layout(lins, [self.masker.weight_for(lin, device) for lin in lins])
             elif t.device != device:
                 out[id(t)] = t.data.to(device, non_blocking=True)
         return out
