@@ -96,6 +96,18 @@ class PrunableLinear:
         return self.name.split(f".{self.block}.", 1)[-1]
 
     @property
+    def unit(self) -> str:
+        """Its name as one unit of a per-linear allocation or search: every expert of a fused
+        parameter shares one (``...mlp.experts.gate_up_proj``), so a MoE block's experts move together."""
+        return self.name if self.expert is None else self.name.rsplit(".", 1)[0]
+
+    @property
+    def unit_name(self) -> str:
+        """``unit`` within its block (``self_attn.q_proj``, ``mlp.experts.down_proj``): how an
+        explicit per-linear allocation names it."""
+        return self.unit.split(f".{self.block}.", 1)[-1]
+
+    @property
     def param(self) -> nn.Parameter:
         """The parameter that stores this layer (shared by every expert of a fused tensor)."""
         return getattr(self.module, self.param_name)

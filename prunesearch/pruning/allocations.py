@@ -247,9 +247,9 @@ def explicit(ctx: AllocationContext, target: float, *, sparsities: list | None =
     if not sparsities or len(sparsities) != len(ctx.blocks):
         raise UserError(f"explicit allocation needs one sparsity per decoder block ({len(ctx.blocks)}), got {len(sparsities or [])}")
     for b, (s, block) in enumerate(zip(sparsities, ctx.blocks)):
-        if isinstance(s, dict) and set(s) != {lin.local_name for lin in block}:
+        if isinstance(s, dict) and set(s) != {lin.unit_name for lin in block}:
             raise UserError(f"explicit sparsities of block {b} name {sorted(s)}, but its linears are "
-                            f"{sorted(lin.local_name for lin in block)}")
+                            f"{sorted({lin.unit_name for lin in block})}")
     flat = [x for s in sparsities for x in (s.values() if isinstance(s, dict) else s if isinstance(s, (list, tuple)) else [s])]
     if any(isinstance(s, (list, tuple)) and len(s) != 2 for s in sparsities) or any(not 0 <= float(x) < 1 for x in flat):
         raise UserError("explicit sparsities must each lie in [0, 1), given per block, as [attention, MLP] pairs, "

@@ -92,7 +92,7 @@ class PruneResult:
 def ratio_of(block_ratio: float | list[float] | dict[str, float], lin: PrunableLinear) -> float:
     """A block's ratio, its [attention, MLP] pair, or its per-linear mapping, for one of its layers."""
     if isinstance(block_ratio, dict):
-        return float(block_ratio[lin.local_name])
+        return float(block_ratio[lin.unit_name])
     if isinstance(block_ratio, (list, tuple)):
         return float(block_ratio[0] if lin.kind == "attn" else block_ratio[1])
     return float(block_ratio)

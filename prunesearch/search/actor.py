@@ -16,6 +16,7 @@ import optuna
 from prunesearch.models.families import decoder_blocks
 from prunesearch.search.storage import open_storage
 from prunesearch.search.study import make_pruner, prunes, stage_reporter
+from prunesearch.spaces import linear_units
 from prunesearch.workers.evaluator import Evaluator
 from prunesearch.workers.result import TrialResult
 
@@ -32,7 +33,7 @@ class EvaluatorActor:
         ev = self.evaluator
         return {"pid": os.getpid(), "worker": self.worker, "startup_s": ev.startup_s, "device": str(ev.device), "layout": ev.layout.to_dict(),
                 "stages": ev.stages, "dense_cached": ev.dense_cached, "memory": ev.memory, "memory_line": ev.memory_line(),
-                "block_class": type(decoder_blocks(ev.model)[0]).__name__, "linear_names": [l.name for l in ev.linears]}
+                "block_class": type(decoder_blocks(ev.model)[0]).__name__, "linear_names": [u[0].unit for u in linear_units(ev.linears)]}  # a fused expert tensor: one
 
     def dense_side(self) -> dict:
         """Calibration statistics and dense reference, for the other actors (via the object store)."""

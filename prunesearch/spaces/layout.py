@@ -23,8 +23,8 @@ class ModelLayout:
         blocks = linears_by_block(linears)
         attn = tuple(sum(l.numel for l in b if l.kind == "attn") for b in blocks)
         mlp = tuple(sum(l.numel for l in b if l.kind == "mlp") for b in blocks)
-        in_order = [l for b in blocks for l in b]
-        return cls(len(blocks), attn, mlp, tuple(l.numel for l in in_order), tuple(l.block for l in in_order))
+        units = linear_units(linears)
+        return cls(len(blocks), attn, mlp, tuple(sum(l.numel for l in u) for u in units), tuple(u[0].block for u in units))
 
     def unit_sizes(self, split: bool) -> list[int]:
         if split:
@@ -52,8 +52,17 @@ def unit_of(lin: PrunableLinear, split: bool) -> int:
 
 
 def linears_in_order(linears: list[PrunableLinear]) -> list[PrunableLinear]:
-    """The linears in the order of ``ModelLayout.linear_sizes`` (a per-linear candidate's ratios)."""
+    """The linears block by block, in model order."""
     return [l for b in linears_by_block(linears) for l in b]
+
+
+def linear_units(linears: list[PrunableLinear]) -> list[list[PrunableLinear]]:
+    """The units of a per-linear candidate, in the order of ``ModelLayout.linear_sizes``: one per
+    linear, except that every expert slice of one fused parameter is one unit (``unit``)."""
+    units: dict[str, list[PrunableLinear]] = {}
+    for lin in linears_in_order(linears):
+        units.setdefault(lin.unit, []).append(lin)
+    return list(units.values())
 
 
 def block_to_units(block_ratios: list[float], split: bool) -> list[float]:

@@ -38,7 +38,7 @@ from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.layer_removal import remove_blocks
 from prunesearch.pruning.masks import parse_structure
 from prunesearch.pruning.stats import ColumnStats
-from prunesearch.spaces import Candidate, ModelLayout, linears_in_order, unit_of
+from prunesearch.spaces import Candidate, ModelLayout, linear_units, unit_of
 from prunesearch.workers.dense_cache import (from_blob, load_dense, model_fingerprint, model_parts, save_dense, side_key,
                                              to_blob)
 from prunesearch.workers.result import TrialResult
@@ -210,10 +210,10 @@ class Evaluator:
         self.trial_model.prepare(cand)
         ratios = self.trial_model.ratios(cand, self._resolve)
         if cand.per_linear:
-            in_order = linears_in_order(self.linears)
-            if len(ratios) != len(in_order):
-                raise UserError(f"candidate has {len(ratios)} ratios, the model has {len(in_order)} prunable linears")
-            per_linear = {l.name: r for l, r in zip(in_order, ratios)}
+            units = linear_units(self.linears)  # a fused expert parameter's slices share one ratio
+            if len(ratios) != len(units):
+                raise UserError(f"candidate has {len(ratios)} ratios, the model has {len(units)} prunable linears")
+            per_linear = {l.name: r for unit, r in zip(units, ratios) for l in unit}
         else:
             n_blocks = len(linears_by_block(self.linears))
             expected = 2 * n_blocks if cand.split else n_blocks
