@@ -19,7 +19,7 @@ from torch import nn
 
 from prunesearch.data.texts import calibration_pool, evaluation_texts
 from prunesearch.errors import UserError
-from prunesearch.models.families import prunable_linears
+from prunesearch.models.families import audit_blocks
 from prunesearch.models.loading import load_tokenizer, meta_model, resolve_device, resolve_dtype
 from prunesearch.models.saving import bias_fold_problem
 from prunesearch.paths import check_output
@@ -34,6 +34,7 @@ class Checked:
     blocks: int
     prunable_weights: int
     seconds: float
+    prunable_set: str = ""  # what the budget is counted over, and what is left dense (BlockAudit.describe)
 
 
 def check_model(m, local_device: bool = True) -> nn.Module:
@@ -63,7 +64,7 @@ def check_prune(cfg, out: Path | None = None, overwrite: bool = False) -> Checke
     if out is not None:
         check_output(out, "dir", overwrite, "--out")
     model = check_model(cfg.model)
-    linears = prunable_linears(model)
+    linears, audit = audit_blocks(model)
     n_blocks = max(l.block for l in linears) + 1
     p = cfg.pruning
     _check_removal(n_blocks, p.remove_layers, "pruning.remove_layers")
@@ -77,14 +78,14 @@ def check_prune(cfg, out: Path | None = None, overwrite: bool = False) -> Checke
         raise UserError(f"kv_cache.bits gives {len(cfg.kv_cache.bits)} bit widths for {n_blocks - p.remove_layers} "
                         f"decoder layers")
     check_texts(cfg.model, cfg.calibration, cfg.evaluation)
-    return Checked(n_blocks, sum(l.numel for l in linears), time.perf_counter() - t0)
+    return Checked(n_blocks, sum(l.numel for l in linears), time.perf_counter() - t0, audit.describe())
 
 
 def check_study(cfg) -> Checked:
     """Everything a study can find out before its database, Ray or a worker is touched."""
     t0 = time.perf_counter()
     model = check_model(cfg.model, local_device=not cfg.workers.address)
-    linears = prunable_linears(model)
+    linears, audit = audit_blocks(model)
     n_blocks = max(l.block for l in linears) + 1
     p = cfg.pruning
     _check_removal(n_blocks, p.remove_layers, "pruning.remove_layers")
@@ -100,7 +101,7 @@ def check_study(cfg) -> Checked:
     check_texts(cfg.model, cfg.calibration, cfg.evaluation)
     if not cfg.workers.address:  # the workers run here: a model that fits nowhere, even streamed, is said now
         check_memory(cfg, model, linears)
-    return Checked(n_blocks, layout.total, time.perf_counter() - t0)
+    return Checked(n_blocks, layout.total, time.perf_counter() - t0, audit.describe())
 
 
 def check_memory(cfg, model: nn.Module, linears) -> None:
