@@ -176,7 +176,7 @@ def test_prune_prunes_every_expert_and_reloads_identically(family, metric, moe_d
     assert code == 0, err
     report = _check_pruned(moe_dirs[family], out, 0.5)
     assert all(r["achieved"] == pytest.approx(0.5, abs=0.02) for r in report["layers"])
-    assert "prunable: attention + MLP (experts: 4 per MoE block)" in stdout
+    assert "prunable: attention + MLP (experts: 4 per MoE block" in stdout
 
 
 def test_bias_compensation_on_experts_is_a_one_line_error(moe_dirs, capsys):

@@ -178,11 +178,13 @@ class BlockAudit:
     routers: int = 0
     vectors: int = 0  # norms and biases (1-D)
     n_experts: int = 0
+    shared_expert: bool = False  # Qwen2-MoE's always-on expert (nn.Linears): pruned as plain layers
 
     def describe(self) -> str:
         """One line for the report: what is pruned, what is not, and the prunable share."""
         total = self.prunable + self.routers + self.vectors
-        parts = "attention + MLP" + (f" (experts: {self.n_experts} per MoE block)" if self.experts else "")
+        shared = " and the shared expert" if self.shared_expert else ""
+        parts = "attention + MLP" + (f" (experts: {self.n_experts} per MoE block{shared})" if self.experts else "")
         left = ("routers/gates, " if self.routers else "") + "norms and biases"
         return f"{parts}; {left} left dense: {self.prunable / max(total, 1):.1%} of the decoder's weights"
 
@@ -203,6 +205,7 @@ def _block_layers(block: nn.Module, prefix: str, i: int, audit: BlockAudit) -> l
         elif isinstance(module, (nn.Linear, Conv1D)):
             out.append(PrunableLinear(f"{prefix}.{i}.{local}", i, _kind(local), module))
             claimed.add(id(module.weight))
+            audit.shared_expert |= "shared_expert" in local
         elif is_fused_experts(module):
             moe = block.get_submodule(local.rsplit(".", 1)[0]) if "." in local else block
             for pname in EXPERT_PARAMS:
