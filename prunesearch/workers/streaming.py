@@ -111,9 +111,9 @@ class StreamedMasker(FastMasker):
         self.pending = None
 
     @torch.no_grad()
-    def weight_for(self, lin: PrunableLinear, device: torch.device) -> torch.Tensor:
+    def weight_for(self, lin: PrunableLinear, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's weight as the pending candidate has it, on ``device``: the dense weight itself
-        when nothing is pruned and it is already there, else a new tensor."""
+        when nothing is pruned and it is already there, else a new tensor (or ``out``, reused)."""
         dense = self.dense[lin.name].to(device, non_blocking=True)
         count = self.pending[0][lin.name] if self.pending else 0
         if count <= 0:
@@ -123,6 +123,8 @@ class StreamedMasker(FastMasker):
             mask = layer_mask(count, self.group, self.nm, ranks=self.ranks[lin.name].to(device, non_blocking=True))
         else:
             mask = layer_mask(count, self.group, self.nm, scores=metrics.score(metric, dense, self._stats_on(lin, device)))
+        if out is not None:
+            return torch.where(mask, self._zero.to(device), dense, out=out)
         return torch.where(mask, self._zero.to(device), dense)
 
     @torch.no_grad()
@@ -143,6 +145,7 @@ class BlockStream:
         self.by_block = {i: ls for i, ls in enumerate(linears_by_block(linears))}
         self.masker = masker
         self._copy_stream = torch.cuda.Stream(work_device) if work_device.type == "cuda" else None
+        self._scratch: dict[tuple, torch.Tensor] = {}  # reused masked-weight buffers (no prefetch: CPU)
 
     def device_of(self, i: int) -> torch.device:
         return self.placement[i] or self.work_device
@@ -157,13 +160,26 @@ class BlockStream:
             prunable.setdefault(id(lin.param), []).append(lin)
         out = {}
         block = self.blocks[i]
-        for t in (*block.parameters(), *block.buffers()):
+        for slot, t in enumerate((*block.parameters(), *block.buffers())):
             lins = prunable.get(id(t))
             if lins is not None and self.masker is not None:  # as stored: Conv1D's W^T, experts stacked
-                out[id(t)] = stored_layout(lins, [self.masker.weight_for(lin, device) for lin in lins])
+                reuse = [self._scratch_for(slot, lin, device) for lin in lins] if len(lins) == 1 else [None] * len(lins)
+                out[id(t)] = stored_layout(lins, [self.masker.weight_for(lin, device, r) for lin, r in zip(lins, reuse)])
             elif t.device != device:
                 out[id(t)] = t.data.to(device, non_blocking=True)
         return out
+
+    def _scratch_for(self, slot: int, lin: PrunableLinear, device: torch.device) -> torch.Tensor | None:
+        """A buffer the masked weight of the block's ``slot``-th tensor is written into, shared by
+        every block (they run one after another): on CPU a fresh tensor per layer and trial
+        costs its page faults each time. With CUDA's prefetch two blocks are in flight: none."""
+        if self._copy_stream is not None:
+            return None
+        w = self.masker.dense[lin.name]
+        key = (slot, tuple(w.shape), w.dtype, device)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(w.shape, dtype=w.dtype, device=device)
+        return self._scratch[key]
 
     @contextlib.contextmanager
     def _swapped(self, i: int, tensors: dict[int, torch.Tensor]):
