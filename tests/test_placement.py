@@ -77,3 +77,15 @@ def test_the_bundled_model_on_cpu_plans_from_its_real_shapes():
     assert streamed.streamed and streamed.placement == [None] * 30
     held = holdings(streamed, s, cache_bytes=0, kl_bytes=0)
     assert held["model"] == {"host": s.model, "device": 0}  # on a CPU worker, host and device are one memory
+
+
+def test_a_worker_plans_with_the_memory_its_loaded_model_already_holds(monkeypatch):
+    """The evaluator plans after loading the model: the bytes it holds are the plan's to count,
+    not taken from what is free (a 2B model was refused streamed for its own 8 GiB)."""
+    from prunesearch.workers import placement
+
+    monkeypatch.setattr(placement, "free_bytes", lambda device: 1 * GiB)
+    cpu = [torch.device("cpu")]
+    assert placement.budgets(cpu, None, loaded=2 * GiB) == ([3 * GiB], 3 * GiB)
+    assert placement.budgets(cpu, 2.5, loaded=2 * GiB) == ([int(2.5 * GiB)], int(2.5 * GiB))  # workers.memory_gb caps it
+    assert placement.budgets(GPUS[:1], None, loaded=2 * GiB) == ([1 * GiB], 3 * GiB)  # a GPU's memory is its own

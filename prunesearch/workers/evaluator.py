@@ -107,7 +107,8 @@ class Evaluator:
         sizes = placement.measure(self.model, prunable_linears(self.model), c.reconstruction_samples,
                                   c.calibration.seq_len, c.calibration.batch_size)
         devices = placement.compute_devices(device)
-        plan = placement.plan(sizes, c.workers.offload, devices, *placement.budgets(devices, c.workers.memory_gb))
+        plan = placement.plan(sizes, c.workers.offload, devices,  # the model is loaded: its bytes count as the plan's
+                              *placement.budgets(devices, c.workers.memory_gb, loaded=sizes.model))
         if not plan.streamed:
             self.model.to(devices[0])
             return plan

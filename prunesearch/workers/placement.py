@@ -96,10 +96,11 @@ def free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def budgets(devices: list[torch.device], memory_gb: float | None) -> tuple[list[int], int]:
+def budgets(devices: list[torch.device], memory_gb: float | None, loaded: int = 0) -> tuple[list[int], int]:
     """What each device has free, and the host: capped at ``memory_gb`` (what Ray reserved for
-    the worker, workers.memory_gb) where given. A CPU device is the host."""
-    host = free_bytes(torch.device("cpu"))
+    the worker, workers.memory_gb) where given. A CPU device is the host. ``loaded``: bytes of
+    the model already in host memory (a worker plans after loading it; the plan counts them)."""
+    host = free_bytes(torch.device("cpu")) + loaded
     if memory_gb is not None:
         host = min(host, int(memory_gb * GiB))
     return [host if d.type == "cpu" else free_bytes(d) for d in devices], host
