@@ -39,18 +39,23 @@ class DenseReference:
         """The dense side's next-token log-probabilities over every prompt token, once: all of
         them (``top_k`` None) or the top k of each position. Kept on the host, float32."""
         rows = self.hidden.reshape(-1, self.hidden.shape[-1])
-        device = model.get_output_embeddings().weight.device
-        parts, idx, rest = [], [], []
-        for c in range(0, rows.shape[0], TOKEN_CHUNK):
-            logits = logits_from_hidden(model, rows[c : c + TOKEN_CHUNK].to(device))
+        head = model.get_output_embeddings().weight
+        n, vocab = rows.shape[0], head.shape[0]
+        k = top_k if top_k is not None and top_k < vocab else None
+        # filled in place, chunk by chunk: a list of chunks and a cat would hold the cache twice at once
+        logp_all = torch.empty(n, k or vocab, dtype=torch.float32)
+        index = torch.empty(n, k, dtype=torch.int32) if k else None
+        rest = torch.empty(n, dtype=torch.float32) if k else None
+        for c in range(0, n, TOKEN_CHUNK):
+            logits = logits_from_hidden(model, rows[c : c + TOKEN_CHUNK].to(head.device))
             logp = logits - torch.logsumexp(logits, -1, keepdim=True)
-            if top_k is not None and top_k < logp.shape[-1]:
-                vals, where = logp.topk(top_k, dim=-1)
-                parts.append(vals.cpu()), idx.append(where.to(torch.int32).cpu())
-                rest.append(logp.scatter(-1, where, float("-inf")).logsumexp(-1).cpu())  # log of the mass left over
+            if k:
+                vals, where = logp.topk(k, dim=-1)
+                logp_all[c : c + len(vals)], index[c : c + len(vals)] = vals.cpu(), where.to(torch.int32).cpu()
+                rest[c : c + len(vals)] = logp.scatter(-1, where, float("-inf")).logsumexp(-1).cpu()  # log of the mass left
             else:
-                parts.append(logp.cpu())
-        self.kl_cache = DenseLogProbs(torch.cat(parts), torch.cat(idx) if idx else None, torch.cat(rest) if rest else None)
+                logp_all[c : c + len(logp)] = logp.cpu()
+        self.kl_cache = DenseLogProbs(logp_all, index, rest)
         return self.kl_cache
 
     @classmethod
