@@ -50,7 +50,7 @@ def assert_exact_and_retried(study: optuna.Study, target: int) -> None:
 
 
 def test_postgres_study_survives_a_killed_driver(tmp_path, capsys, postgres_url, ray_session):
-    cfg = study_config(tmp_path, trials=30, storage=postgres_url, study="pg-kill")  # killed at 3: 27 to spare
+    cfg = study_config(tmp_path, trials=10, storage=postgres_url, study="pg-kill")  # killed at 3 (held still): 7 to spare
     proc = start_driver(write_config(tmp_path, cfg))
     try:
         with frozen_after(cfg, proc, 3):  # no trial finishes meanwhile: the kill lands mid-study
@@ -63,7 +63,7 @@ def test_postgres_study_survives_a_killed_driver(tmp_path, capsys, postgres_url,
     code, out, err = run_cli(["resume", "--study", "pg-kill", "--storage", postgres_url, "--quiet"], capsys)
     assert code == 0, err
     study = load(cfg)
-    assert_exact_and_retried(study, 30)
+    assert_exact_and_retried(study, 10)
     assert sum(t.state == TrialState.FAIL for t in study.trials) >= orphaned  # failed (then re-run) once stale
 
     # the password lives only in the environment: not in the study, not in any output
@@ -76,7 +76,7 @@ def test_postgres_study_survives_a_killed_driver(tmp_path, capsys, postgres_url,
 
 
 def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, capsys, postgres_url, ray_session):
-    cfg = study_config(tmp_path, trials=30, storage=postgres_url, study="pg-two")
+    cfg = study_config(tmp_path, trials=12, storage=postgres_url, study="pg-two")  # 2 set up, 10 for the two drivers
     path = write_config(tmp_path, cfg)
     # one driver sets the study up (schema, config, baselines); then two run it at once
     code, _, err = run_cli(["launch", str(path), "--trials", "2", "--quiet"], capsys)
@@ -98,7 +98,7 @@ def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, cap
             stop(proc)
         db.close()
     study = load(cfg)
-    assert_exact_and_retried(study, 30)
+    assert_exact_and_retried(study, 12)
     by_driver = Counter(t.user_attrs.get("driver") for t in study.get_trials(states=FINISHED))
     assert len(by_driver) == 3, by_driver  # the set-up run and both drivers did work
     assert study.trials[held].state in FINISHED and study.trials[held].user_attrs["driver"] == driver_name(first)
@@ -110,7 +110,7 @@ def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, cap
 
 
 def test_a_killed_evaluator_is_replaced_and_its_trial_rerun(tmp_path):
-    cfg = study_config(tmp_path, trials=30, study="worker-kill")  # killed at 2: 28 to spare
+    cfg = study_config(tmp_path, trials=10, study="worker-kill")  # killed at 2 (held still): 8 to spare
     proc = start_driver(write_config(tmp_path, cfg))
     try:
         with frozen_after(cfg, proc, 2):  # the study cannot finish before the kill
@@ -121,7 +121,7 @@ def test_a_killed_evaluator_is_replaced_and_its_trial_rerun(tmp_path):
     finally:
         stop(proc)
     study = load(cfg)
-    assert_exact_and_retried(study, 30)
+    assert_exact_and_retried(study, 10)
     lost = [t for t in study.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("worker_lost")]
     assert lost, "the killed actor's trial was not recorded as lost"
     workers = {t.user_attrs["worker"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
@@ -212,7 +212,11 @@ def test_processes_opening_a_fresh_database_at_once_all_get_it(tmp_path, capsys)
     (tmp_path / "notes.db").write_text("not a database, just text\n" * 100)
     code, _, err = run_cli(["status", "--storage", f"sqlite:///{tmp_path / 'notes.db'}"], capsys)
     assert code == 2 and "file is not a database" in err and "Traceback" not in err
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold Ray threads
+    # no fork of this process (it may hold Ray threads): children fork from a fork server, a fresh
+    # process that imported the storage code (and this module) once, instead of each spawned child
+    # importing torch on its own; each child still opens its own engine and connections
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["prunesearch.search.storage", __name__])
     barrier, results = ctx.Barrier(6), ctx.Queue()
     procs = [ctx.Process(target=_open_when_told, args=(url, barrier, results), daemon=True) for _ in range(6)]
     try:
