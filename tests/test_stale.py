@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing
+import os
 import uuid
 
 import optuna
@@ -19,8 +20,11 @@ GRACE_S, ROUNDS = 5, 10
 LONG_AGO = datetime.datetime(2000, 1, 1)
 
 
-def _racer(url: str, names, barrier, results) -> None:
+def _racer(url: str, names, barrier, results, environ: dict) -> None:
     """One driver: for each study named to it, wait for the starting gun, then run its stale check."""
+    import os
+
+    os.environ.update(environ)  # the test's environment (the database password), not the fork server's
     from prunesearch.search.dispatch import fail_stale, requeue
     from prunesearch.search.storage import open_storage
 
@@ -69,10 +73,13 @@ def test_two_drivers_fail_one_stale_trial_exactly_once(url):
     from prunesearch.search.storage import open_storage
 
     open_storage(url)  # the schema, before the racers open it
-    ctx = multiprocessing.get_context("spawn")  # real processes, each with its own engine and connections
+    # real processes, each with its own engine and connections, forked from a fork server that
+    # imported the driver's code once (not this process, which may hold Ray threads)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["prunesearch.search.storage", "prunesearch.search.dispatch", __name__])
     barrier, results = ctx.Barrier(3), ctx.Queue()
     queues = [ctx.Queue(), ctx.Queue()]
-    racers = [ctx.Process(target=_racer, args=(url, q, barrier, results), daemon=True) for q in queues]
+    racers = [ctx.Process(target=_racer, args=(url, q, barrier, results, dict(os.environ)), daemon=True) for q in queues]
     for p in racers:
         p.start()
     try:
