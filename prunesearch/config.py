@@ -371,8 +371,10 @@ class StudyConfig(Strict):
     pruning: StudyPruningConfig = Field(default_factory=StudyPruningConfig)
     reconstruction_samples: int = Field(8, ge=1, description="calibration prompts the reconstruction error runs on")
     kl_cache: int | Literal["auto", "all"] = Field(
-        "auto", description="dense next-token log-probabilities each worker keeps for the kl objective: all, the top K "
-                            "per token (a number), or auto (all when they take at most 1 GiB, else the top 1024)")
+        "auto", description="what each worker keeps of the dense side for the kl objective: auto (exact and hidden-sized "
+                            "where the lm_head is linear: each token's expected output embedding; for a soft-capped "
+                            "head all log-probabilities when they take at most 1 GiB, else the top 1024), all (every "
+                            "log-probability), or a number K (the top K per token: a lower bound of the KL)")
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     objectives: list[str] = Field(["frobenius"], min_length=1)

@@ -93,6 +93,8 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
     timings.update({f"prune_{k}": v for k, v in result.timings.items()})
 
     t = time.perf_counter()
+    if ref is not None and not getattr(model.config, "final_logit_softcapping", None):
+        ref.prepare_kl(model, "expected")  # the KL as a study's workers compute it: an export reproduces its trial's
     with kv_context(model, cfg.kv_cache):
         pruned_ppl = perplexity(model, held_out, bs_eval, progress, "pruned perplexity") if held_out is not None else None
         recon = reconstruction_error(model, ref) if ref is not None else None

@@ -80,6 +80,7 @@ def test_a_stage_value_is_the_error_on_its_prompts(ev):
     whole = reconstruction_error(ev.model, ev.ref)
     assert final == pytest.approx(whole, rel=1e-9)
     first_two = DenseReference(ev.ref.ids[:2], ev.ref.hidden[:2], ev.ref.gram, ev.ref.batch_size)
+    first_two.prepare_kl(ev.model, "expected")  # the same KL arithmetic as the worker's reference (exact to 2e-7 apart)
     two = reconstruction_error(ev.model, first_two)
     assert staged[2]["frobenius"] == pytest.approx(two["frobenius"] * (6 / 2) ** 0.5, rel=1e-9)
     assert staged[2]["kl"] == pytest.approx(two["kl"], rel=1e-9) and staged[2]["kl"] != pytest.approx(whole["kl"])

@@ -32,12 +32,17 @@ class DenseReference:
     hidden: torch.Tensor  # (n, seq_len, hidden) dense hidden states entering lm_head, float32
     gram: torch.Tensor  # (hidden, hidden) W^T W of lm_head, float64
     batch_size: int
-    kl_cache: "DenseLogProbs | None" = field(default=None, repr=False)  # this worker's, never on disk
+    kl_cache: "DenseLogProbs | ExpectedHead | None" = field(default=None, repr=False)  # this worker's, never on disk
 
     @torch.no_grad()
-    def prepare_kl(self, model: nn.Module, top_k: int | None) -> "DenseLogProbs":
-        """The dense side's next-token log-probabilities over every prompt token, once: all of
-        them (``top_k`` None) or the top k of each position. Kept on the host, float32."""
+    def prepare_kl(self, model: nn.Module, top_k: int | None | str) -> "DenseLogProbs | ExpectedHead":
+        """What a trial's KL needs of the dense side, once. ``"expected"`` (a linear lm_head): per
+        token, the dense distribution's expected output embedding, its dot with the bias and its
+        negative entropy (exact, hidden-sized: see ExpectedHead). Otherwise the dense next-token
+        log-probabilities: all of them (``top_k`` None) or the top k of each token."""
+        if top_k == "expected":
+            self.kl_cache = ExpectedHead.of(model, self.hidden.reshape(-1, self.hidden.shape[-1]))
+            return self.kl_cache
         rows = self.hidden.reshape(-1, self.hidden.shape[-1])
         head = model.get_output_embeddings().weight
         n, vocab = rows.shape[0], head.shape[0]
@@ -89,6 +94,50 @@ def gram_of(W: torch.Tensor, rows: int = 4096) -> torch.Tensor:
 
 
 @dataclass
+class ExpectedHead:
+    """The KL against a linear lm_head without the dense logits. With logits z = W h + b,
+    KL(d || p) = sum_v d_v log d_v - sum_v d_v z_v + logsumexp(z): the first term is the dense
+    negative entropy, the second is h . (W^T d) + b . d. Per token, ``embed`` = W^T d (hidden
+    sized), ``bias_dot`` = b . d and ``neg_entropy`` are computed once, so a trial needs its own
+    logits' log-sum-exp only: exact, and no vocabulary-sized cache or pass over one."""
+
+    neg_entropy: torch.Tensor  # (tokens,) float64: sum_v d_v log d_v
+    embed: torch.Tensor  # (tokens, hidden) float32: W^T d
+    bias_dot: torch.Tensor  # (tokens,) float64: b . d (0 without a bias)
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: nn.Module, rows: torch.Tensor) -> "ExpectedHead":
+        head = model.get_output_embeddings()
+        W, b = head.weight, getattr(head, "bias", None)
+        n = rows.shape[0]
+        neg, embed, bias_dot = (torch.empty(n, dtype=torch.float64), torch.empty(n, rows.shape[1]),
+                                torch.zeros(n, dtype=torch.float64))
+        for c in range(0, n, TOKEN_CHUNK):
+            logits = logits_from_hidden(model, rows[c : c + TOKEN_CHUNK].to(W.device))
+            logp = logits - torch.logsumexp(logits, -1, keepdim=True)
+            d = logp.exp()
+            end = c + len(d)
+            neg[c:end] = (d * logp).sum(-1, dtype=torch.float64).cpu()
+            embed[c:end] = (d @ W.float()).cpu()
+            if b is not None:
+                bias_dot[c:end] = (d.double() @ b.double()).cpu()
+        return cls(neg, embed, bias_dot)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.neg_entropy, self.embed, self.bias_dot))
+
+    def kl_sum(self, hidden: torch.Tensor, logits_pruned: torch.Tensor, rows: slice) -> float:
+        """sum over ``rows`` of KL(dense || pruned), from the pruned hidden states and logits."""
+        dev = logits_pruned.device
+        expected = (hidden.double() * self.embed[rows].to(dev, non_blocking=True).double()).sum(-1)
+        expected += self.bias_dot[rows].to(dev, non_blocking=True)
+        lse = torch.logsumexp(logits_pruned, -1).double()
+        return (self.neg_entropy[rows].to(dev, non_blocking=True) - expected + lse).sum().item()
+
+
+@dataclass
 class DenseLogProbs:
     """Dense next-token log-probabilities, one row per prompt token: all of the vocabulary
     (``index`` None) or the top k of each row with their vocabulary ids."""
@@ -118,12 +167,17 @@ class DenseLogProbs:
         return (head + tail.sum()).item()
 
 
-def kl_top_k(setting: int | str, n_tokens: int, vocab: int, budget_bytes: int = 1 << 30) -> int | None:
-    """How many log-probabilities per token a worker keeps for the KL (None: all of them):
-    ``auto`` keeps all when they take at most ``budget_bytes`` (1 GiB), else the top 1024."""
+def kl_top_k(setting: int | str, n_tokens: int, vocab: int, budget_bytes: int = 1 << 30,
+             linear_head: bool = True) -> int | None | str:
+    """What a worker keeps for the KL: ``"expected"`` (ExpectedHead: exact, hidden-sized; ``auto``
+    wherever the lm_head is linear), or the dense log-probabilities, all of them (None) or the
+    top k; ``auto`` on a soft-capped head keeps all when they take at most ``budget_bytes``
+    (1 GiB), else the top 1024."""
     if setting == "all":
         return None
     if setting == "auto":
+        if linear_head:
+            return "expected"
         return None if n_tokens * vocab * 4 <= budget_bytes else min(1024, vocab)
     return None if int(setting) >= vocab else int(setting)
 
@@ -190,6 +244,9 @@ def _batch_error(model: nn.Module, ref: DenseReference, h_p: torch.Tensor, start
     if kl or (frobenius and capped):
         for c in range(0, h_p.shape[0], TOKEN_CHUNK):
             lp = logits_from_hidden(model, h_p[c : c + TOKEN_CHUNK])
+            if isinstance(cache, ExpectedHead):
+                kl_sum += cache.kl_sum(h_p[c : c + TOKEN_CHUNK], lp, slice(row0 + c, row0 + c + lp.shape[0]))
+                continue
             if cache is not None:
                 lp -= torch.logsumexp(lp, -1, keepdim=True)
                 kl_sum += cache.kl_sum(lp, slice(row0 + c, row0 + c + lp.shape[0]))

@@ -89,7 +89,8 @@ class Evaluator:
             masker = FastMasker(linears, self.dense_stats, p.metric, resolve_group(p.metric, p.group), self.nm)
         if "kl" in self.cfg.objectives:  # the dense side's log-probabilities, once: a KL trial pays the pruned side only
             n_tokens, vocab = self.ref.ids.numel(), self.model.get_output_embeddings().weight.shape[0]
-            self.ref.prepare_kl(self.model, kl_top_k(self.cfg.kl_cache, n_tokens, vocab))
+            linear = not getattr(self.model.config, "final_logit_softcapping", None)
+            self.ref.prepare_kl(self.model, kl_top_k(self.cfg.kl_cache, n_tokens, vocab, linear_head=linear))
         self.trial_model: TrialModel
         if self.cfg.space.remove_layers:
             self.trial_model = SearchedRemoval(self.model, calib, self.cfg, self.layout, linears, self.dense_stats, masker, self.nm)
