@@ -211,10 +211,12 @@ def ray_session():
     ray.shutdown()
 
 
-def start_driver(path: Path) -> subprocess.Popen:
-    """`prunesearch launch` in its own session (so a test can kill it with its Ray)."""
+def start_driver(path: Path | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`prunesearch launch PATH` (or `prunesearch ARGS`, e.g. a resume) in its own session (so a
+    test can kill it with its Ray)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "prunesearch", "launch", str(path), "--quiet"], env=env,
+    command = ["launch", str(path)] if path is not None else list(args)
+    return subprocess.Popen([sys.executable, "-m", "prunesearch", *command, "--quiet"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 

@@ -56,53 +56,49 @@ def test_launch_runs_a_study_through_ray_and_sqlite(tmp_path, capsys, ray_sessio
     assert code == 2 and "different config" in err
 
 
-def _resume_to_30(cfg: dict, capsys) -> optuna.Study:
-    """The study stopped part-way; `resume` finishes it with exactly 30 finished trials."""
-    assert 3 <= len(load(cfg).get_trials(states=FINISHED)) < 30
-    code, _, err = run_cli(["resume", "--study", "t", "--storage", cfg["storage"], "--quiet"], capsys)
-    assert code == 0, err
-    after = load(cfg)
-    assert len(after.get_trials(states=FINISHED)) == 30
-    return after
-
-
-def test_killed_study_resumes_to_exactly_the_requested_trials(tmp_path, capsys, ray_session):
-    cfg = study_config(tmp_path, trials=30)
-    proc = start_driver(write_config(tmp_path, cfg))
-    try:
-        with frozen_after(cfg, proc, 3):  # the study cannot finish meanwhile: the kill lands mid-study
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and its in-process Ray
-            proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    after = _resume_to_30(cfg, capsys)
-    assert not after.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
-    # nothing finished before the kill was evaluated again
-    numbers = [t.number for t in after.get_trials(states=FINISHED)]
-    assert len(numbers) == len(set(numbers))
-    lost = [t for t in after.get_trials(states=(TrialState.FAIL,))]
-    retried = {t.user_attrs.get("retry_of") for t in after.trials}
-    assert all(t.number in retried for t in lost if t.params)
-
-
-def test_ctrl_c_stops_cleanly_and_resume_reruns_the_interrupted(tmp_path, capsys, ray_session):
-    cfg = study_config(tmp_path, trials=30)
+def test_ctrl_c_stops_cleanly_and_a_killed_resume_resumes_to_exactly_the_requested_trials(tmp_path, capsys, ray_session):
+    """Ctrl-C stops a driver cleanly (its running trial failed as interrupted and queued again);
+    `resume` re-runs it and is SIGKILLed with its Ray mid-study; a last `resume` ends the study with
+    exactly the requested trials: every interrupted or lost trial run again, nothing finished twice."""
+    cfg = study_config(tmp_path, trials=12)
     proc = start_driver(write_config(tmp_path, cfg))
     try:
         with frozen_after(cfg, proc, 3) as finished:  # Ctrl-C arrives mid-study, however slow the test is
-            assert finished < 29  # the one trial in flight may still finish once the driver can write again
+            assert finished < 11  # the one trial in flight may still finish once the driver can write again
             os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver
         code = proc.wait(60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert code == 130, proc.stderr.read().decode()[-2000:]
-    assert not load(cfg).get_trials(states=(TrialState.RUNNING,))  # nothing left dangling
-    after = _resume_to_30(cfg, capsys)
-    interrupted = [t for t in after.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("interrupted")]
+    stopped = load(cfg)
+    assert not stopped.get_trials(states=(TrialState.RUNNING,))  # nothing left dangling
+    interrupted = [t for t in stopped.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("interrupted")]
+    done = len(stopped.get_trials(states=FINISHED))
+    assert 3 <= done < 12
+
+    # `resume` picks the interrupted trial up first; killed (with its Ray) once it finished two more
+    proc = start_driver(args=("resume", "--study", "t", "--storage", cfg["storage"]))
+    try:
+        with frozen_after(cfg, proc, done + 2):  # the study cannot finish meanwhile: the kill lands mid-study
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and its in-process Ray
+            proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert done + 2 <= len(load(cfg).get_trials(states=FINISHED)) < 12
+    code, _, err = run_cli(["resume", "--study", "t", "--storage", cfg["storage"], "--quiet"], capsys)
+    assert code == 0, err
+    after = load(cfg)
+    assert len(after.get_trials(states=FINISHED)) == 12
+    assert not after.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    # nothing finished before the stop or the kill was evaluated again
+    numbers = [t.number for t in after.get_trials(states=FINISHED)]
+    assert len(numbers) == len(set(numbers))
     retried = {t.user_attrs.get("retry_of") for t in after.trials}
     assert all(t.number in retried for t in interrupted)
+    lost = [t for t in after.get_trials(states=(TrialState.FAIL,))]
+    assert all(t.number in retried for t in lost if t.params)
 
 
 @pytest.mark.parametrize("patch,message", [
