@@ -87,6 +87,19 @@ def lee_ids(tokenizer) -> torch.Tensor:
     return token_sequences(tokenizer, "lee", n_samples=24, seq_len=64, seed=0)
 
 
+def launch_quietly(path: Path) -> None:
+    """`prunesearch launch PATH --quiet` in-process, for a fixture (no capsys there: its output is not checked)."""
+    from prunesearch.cli import main
+
+    old, sys.argv = sys.argv, ["prunesearch", "launch", str(path), "--quiet"]
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None), f"launch exited {exc.code}"
+    finally:
+        sys.argv = old
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run ``prunesearch ARGS`` in-process, as the console script does; return (exit code, stdout, stderr)."""
     from prunesearch.cli import main

@@ -14,14 +14,14 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import frozen_after, load, run_cli, study_config, write_config
+from conftest import frozen_after, launch_quietly, load, run_cli, study_config, write_config
 from prunesearch.errors import UserError
 from prunesearch.models import load_model, prunable_linears
 from prunesearch.pruning.masks import NM, prune_mask, score_ranks, count_pruned
 from prunesearch.pruning.meta_metric import RIA_LIKE_POINT, WANDA_POINT, meta_spec
 from prunesearch.spaces import ModelLayout, make_space
 
-POP, TRIALS = 6, 22  # generations of 6, 6, 6 and a truncated 4: killed at 8, 14 left to spare
+POP, TRIALS = 6, 16  # generations of 6, 6 and a truncated 4: killed at 8 (mid-generation 1), 8 left to spare
 
 
 def nsga3_config(tmp_path, name: str, trials: int = TRIALS, seed: int = 3) -> dict:
@@ -90,7 +90,7 @@ def test_optishear_space_refuses_what_it_cannot_express():
     ({"space": {"name": "blockwise"}}, "set space.name to optishear"),
     ({"search": {"sampler": "nsga3", "population": 3, "ref_partitions": 3}}, "smaller than the 4 reference directions"),
 ])
-def test_bad_nsga3_configs_are_one_line_errors(tmp_path, capsys, patch, message):
+def test_bad_nsga3_configs_are_one_line_errors(tmp_path, capsys, ray_session, patch, message):
     cfg = nsga3_config(tmp_path, "bad")
     for key, value in patch.items():
         cfg[key] = {**cfg[key], **value}
@@ -116,13 +116,19 @@ def _launch_and_kill(cfg: dict, path, finished: int) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_killed_nsga3_study_resumes_to_the_same_pareto_set(tmp_path, capsys, ray_session):
-    full = nsga3_config(tmp_path, "full")
-    code, out, err = run_cli(["launch", str(write_config(tmp_path, full, "full.yaml")), "--quiet"], capsys)
-    assert code == 0, err
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, ray_session) -> dict:
+    """An uninterrupted study (shared: the killed one must resume to it; one of its trials is exported)."""
+    tmp = tmp_path_factory.mktemp("nsga3")
+    cfg = nsga3_config(tmp, "full")
+    launch_quietly(write_config(tmp, cfg, "full.yaml"))
+    return cfg
+
+
+def test_killed_nsga3_study_resumes_to_the_same_pareto_set(full, tmp_path, capsys, ray_session):
     uninterrupted = load(full)
     assert len(record(uninterrupted)) == TRIALS
-    assert sorted({g for g, _ in record(uninterrupted)}) == [0, 1, 2, 3]
+    assert sorted({g for g, _ in record(uninterrupted)}) == [0, 1, 2]
     seeds = [t.user_attrs.get("baseline") for t in uninterrupted.trials[:3]]
     assert seeds == ["wanda", "ria", "owl"]
 
@@ -148,23 +154,21 @@ def test_killed_nsga3_study_resumes_to_the_same_pareto_set(tmp_path, capsys, ray
     assert (tmp_path / "plots" / "pareto.png").exists()
 
 
-def test_exported_meta_metric_reapplies_to_the_same_masks(tmp_path, capsys, ray_session):
+def test_exported_meta_metric_reapplies_to_the_same_masks(full, tmp_path, capsys, ray_session):
     from prunesearch.search.export import pick_trial, trial_candidate
     from prunesearch.search.study import load_study_config
     from prunesearch.workers.evaluator import Evaluator
 
-    cfg = nsga3_config(tmp_path, "exp", trials=8, seed=1)
-    code, _, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
-    assert code == 0, err
+    cfg = full
     # pick one whose metric is not Wanda's, so the export has to carry it
     study = load(cfg)
     trial = next(t for t in study.get_trials(states=(TrialState.COMPLETE,)) if t.user_attrs["metric"] != meta_spec(*WANDA_POINT))
-    code, out, err = run_cli(["export", "--study", "exp", "--storage", cfg["storage"], "--pick", f"trial {trial.number}",
+    code, out, err = run_cli(["export", "--study", "full", "--storage", cfg["storage"], "--pick", f"trial {trial.number}",
                               "--out", str(tmp_path / "found.yaml"), "--apply", str(tmp_path / "pruned"), "--quiet"], capsys)
     assert code == 0, err
     assert trial.user_attrs["metric"] in (tmp_path / "found.yaml").read_text()
 
-    study_cfg, st = load_study_config("exp", cfg["storage"])
+    study_cfg, st = load_study_config("full", cfg["storage"])
     ev = Evaluator(study_cfg)
     ev.apply(trial_candidate(study_cfg, st.trials[trial.number]))
     saved = {l.name: l.weight for l in prunable_linears(load_model(str(tmp_path / "pruned"), device="cpu").model)}
