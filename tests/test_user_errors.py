@@ -21,7 +21,7 @@ import optuna
 import pytest
 import yaml
 
-from conftest import load, run_cli, study_config, write_config
+from conftest import launch_quietly, load, run_cli, study_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,12 @@ def test_stale_ray_state_does_not_break_launch_and_sigterm_leaves_it_resumable(t
 
 
 def test_unreachable_cluster_is_one_line_after_a_bounded_wait_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    import ray
+
     import prunesearch.search.driver as driver
+
+    # a launch joins a Ray already running in this process: this test runs before the module's (ray_session)
+    assert not ray.is_initialized(), "run this test before any test that uses ray_session"
 
     monkeypatch.setattr(driver, "EvaluatorPool", lambda *a, **k: pytest.fail("no evaluator may start"))
     cfg = study_config(tmp_path, workers={"count": 1, "num_cpus": 1, "connect_timeout_s": 2})
@@ -144,20 +149,11 @@ def test_another_applications_sqlite_file_is_refused_untouched(command, tmp_path
 
 
 @pytest.fixture(scope="module")
-def finished_study(tmp_path_factory):
+def finished_study(tmp_path_factory, ray_session):
     """A real two-trial study (shared by the read-only tests)."""
     tmp = tmp_path_factory.mktemp("done")
     cfg = study_config(tmp, trials=2)
-    from prunesearch.cli import main
-
-    old = sys.argv
-    sys.argv = ["prunesearch", "launch", str(write_config(tmp, cfg)), "-q"]
-    try:
-        main()
-    except SystemExit as exc:
-        assert not exc.code
-    finally:
-        sys.argv = old
+    launch_quietly(write_config(tmp, cfg))
     return tmp, cfg
 
 
@@ -197,7 +193,7 @@ def test_a_read_only_study_file_is_refused_before_any_work(read_only, finished_s
 
 # ----------------------------------------------------------------------------- 3, 10: failed and empty studies
 
-def test_a_study_without_finished_trials_can_be_relaunched_reported_and_deleted(tmp_path, capsys):
+def test_a_study_without_finished_trials_can_be_relaunched_reported_and_deleted(tmp_path, capsys, ray_session):
     cfg = study_config(tmp_path, search={"trials": 3, "timeout_s": 0.001})  # stops before its first trial
     code, _, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "-q"], capsys)
     assert code == 0, err
