@@ -72,8 +72,9 @@ def test_wanda_beats_magnitude_on_the_full_default_model(tokenizer):
     from prunesearch.objectives import perplexity
     from prunesearch.pruning.engine import PruneSpec, prune_model
 
-    calib = token_sequences(tokenizer, "wikipedia", n_samples=8, seq_len=128, split="calibration")
-    held_out = token_sequences(tokenizer, "wikipedia", n_samples=4, seq_len=256, split="evaluation", contiguous=True)
+    # 4 x 128 calibration tokens, 2 x 256 held out: perplexity 38 against 178 (8 x 128 and 4 x 256: 50 against 244)
+    calib = token_sequences(tokenizer, "wikipedia", n_samples=4, seq_len=128, split="calibration")
+    held_out = token_sequences(tokenizer, "wikipedia", n_samples=2, seq_len=256, split="evaluation", contiguous=True)
     ppl = {}
     for metric in ("magnitude", "wanda"):
         lm = load_model("default", device="cpu")
