@@ -288,29 +288,39 @@ class StudyDb:
                 conn.exec_driver_sql("ROLLBACK")
 
     @contextlib.contextmanager
-    def holding_a_trial_of(self, driver: str, proc: subprocess.Popen, timeout: float = 240):
-        """PostgreSQL: row-lock a RUNNING trial of ``driver``, so that driver stops at its next
-        write to it (telling its result), while other drivers go on. Yields its trial number."""
+    def holding_a_trial_of(self, drivers: dict[str, subprocess.Popen], timeout: float = 240):
+        """PostgreSQL: row-lock the RUNNING trial of whichever of ``drivers`` (name -> process) runs
+        one first, so that driver stops at its next write to it (telling its result), while other
+        drivers go on. Yields (that driver's name, its trial number). Only a trial that has its first
+        heartbeat: later beats update that row and pass the lock, so the held trial stays alive for
+        the other drivers' stale checks (its first beat, an insert, would wait for the lock, and a
+        trial without one looks dead after the grace period: another driver failing it would wait
+        for the lock too)."""
         assert not self.sqlite, "SQLite has no row locks"
-        sql = sqlalchemy.text(
-            "SELECT t.number FROM trials t JOIN studies s ON s.study_id = t.study_id JOIN trial_user_attributes a "
-            "ON a.trial_id = t.trial_id AND a.key = 'driver' AND a.value_json = :driver "
-            "WHERE s.study_name = :study AND t.state = 'RUNNING' FOR UPDATE OF t")  # re-checked after a concurrent update
+        running = ("SELECT a.value_json, t.number FROM trials t JOIN studies s ON s.study_id = t.study_id "
+                   "JOIN trial_user_attributes a ON a.trial_id = t.trial_id AND a.key = 'driver' "
+                   "JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+                   "WHERE s.study_name = :study AND t.state = 'RUNNING'")
+        find = sqlalchemy.text(running + " ORDER BY t.number")
+        lock = sqlalchemy.text(running + " AND a.value_json = :driver FOR UPDATE OF t")  # re-checked after a concurrent update
+        names = {json.dumps(d): d for d in drivers}
         deadline = time.monotonic() + timeout
         with self.engine.connect() as conn:
             while True:
                 conn.exec_driver_sql("BEGIN")
                 try:
-                    held = conn.execute(sql, {"driver": json.dumps(driver), "study": self.study}).scalars().all()
+                    first = [v for v, _ in conn.execute(find, {"study": self.study}) if v in names][:1]
+                    held = conn.execute(lock, {"study": self.study, "driver": first[0]}).all() if first else []
                 except sqlalchemy.exc.DBAPIError:  # no schema yet
                     held = []
                 if held:
                     break
                 conn.exec_driver_sql("ROLLBACK")
-                _alive_until(proc, deadline, f"a running trial of driver {driver}")
+                for name, proc in drivers.items():
+                    _alive_until(proc, deadline, f"a running trial of driver {name}")
                 time.sleep(0.1)
             try:
-                yield held[0]
+                yield names[held[0][0]], held[0][1]
             finally:
                 conn.exec_driver_sql("ROLLBACK")
 

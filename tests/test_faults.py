@@ -82,14 +82,13 @@ def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, cap
     code, _, err = run_cli(["launch", str(path), "--trials", "2", "--quiet"], capsys)
     assert code == 0, err
     db = StudyDb(postgres_url, "pg-two")
-    first = start_driver(path)
-    drivers = [first]
+    drivers = [start_driver(path), start_driver(path)]  # at once: their start-ups overlap
     try:
-        # the first driver is held at its next write to one of its running trials (a row lock) until
-        # the second has started and finished a trial of its own: both surely work, on any machine
-        with db.holding_a_trial_of(driver_name(first), first) as held:
-            drivers.append(start_driver(path))
-            wait_for(lambda: db.count(attr=("driver", driver_name(drivers[1]))) >= 1, drivers[1],
+        # whichever driver runs a trial first is held at its next write to it (a row lock) until the
+        # other has started and finished a trial of its own: both surely work, on any machine
+        with db.holding_a_trial_of({driver_name(p): p for p in drivers}) as (first, held):
+            second = next(p for p in drivers if driver_name(p) != first)
+            wait_for(lambda: db.count(attr=("driver", driver_name(second))) >= 1, second,
                      "a finished trial of the second driver")
         for proc in drivers:
             assert proc.wait(300) == 0, proc.stderr.read().decode()[-2000:]
@@ -101,8 +100,8 @@ def test_two_drivers_share_a_postgres_study_without_duplicate_work(tmp_path, cap
     assert_exact_and_retried(study, 12)
     by_driver = Counter(t.user_attrs.get("driver") for t in study.get_trials(states=FINISHED))
     assert len(by_driver) == 3, by_driver  # the set-up run and both drivers did work
-    assert study.trials[held].state in FINISHED and study.trials[held].user_attrs["driver"] == driver_name(first)
-    seconds = [t.datetime_complete for t in study.get_trials(states=FINISHED) if t.user_attrs["driver"] == driver_name(drivers[1])]
+    assert study.trials[held].state in FINISHED and study.trials[held].user_attrs["driver"] == first
+    seconds = [t.datetime_complete for t in study.get_trials(states=FINISHED) if t.user_attrs["driver"] == driver_name(second)]
     assert study.trials[held].datetime_complete > min(seconds)  # the hold held: the second worked while the first waited
     params = [tuple(sorted(t.params.items())) for t in study.get_trials(states=FINISHED)]
     assert len(params) == len(set(params))  # and none of it twice
