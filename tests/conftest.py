@@ -2,7 +2,8 @@
 family saved as real HF directories with the real SmolLM2 tokenizer, and real token data; a
 throw-away PostgreSQL server; and what the study tests share: a small study config, the study as
 a reader sees it, a driver started as a user would, the study database read and held still
-(StudyDb, wait_for, frozen_after), and one in-process Ray per module (ray_session)."""
+(StudyDb, wait_for, frozen_after), and one in-process Ray per module, or per run of modules in a
+row that use it (ray_session)."""
 
 from __future__ import annotations
 
@@ -213,15 +214,35 @@ def load(cfg: dict) -> optuna.Study:
     return optuna.load_study(study_name=cfg["study"], storage=open_storage(cfg["storage"], create=False))
 
 
+_next_test: list = [None]  # the test that runs after the one being torn down
+_our_ray: list = [False]  # whether the in-process Ray running now is ray_session's
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    _next_test[0] = nextitem  # before the fixtures the next test does not share are torn down
+    yield
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     """One in-process Ray for the module: the driver joins it instead of starting its own. Always a
-    new local one (address="local"): a stale /tmp/ray/ray_current_cluster cannot send it elsewhere."""
+    new local one (address="local"): a stale /tmp/ray/ray_current_cluster cannot send it elsewhere.
+    When the next module's first test uses ray_session too, the same Ray carries on into it (modules
+    in a row share one); otherwise it stops with the module, so no other test finds it running.
+    Its workers keep the environment Ray started with: the PostgreSQL password (postgres_url's)
+    goes in first, so that a PostgreSQL study runs on a Ray started for an earlier module."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not (_our_ray[0] and ray.is_initialized()):
+        os.environ.setdefault("PRUNESEARCH_DB_PASSWORD", PG_PASSWORD)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        _our_ray[0] = True
     yield
-    ray.shutdown()
+    nxt = _next_test[0]
+    if nxt is None or "ray_session" not in nxt.fixturenames:
+        ray.shutdown()
+        _our_ray[0] = False
 
 
 def start_driver(path: Path | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:
