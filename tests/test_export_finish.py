@@ -6,7 +6,6 @@ Real model slice (SmolLM2, 2 blocks), real SQLite, real Ray."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,24 +13,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import load, run_cli, study_config, write_config
+from conftest import launch_quietly, load, run_cli, study_config, write_config
 from prunesearch.pruning.masks import NM, layer_counts
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # LLaMA's prunable linears, in model order
-
-
-def _launch(cfg: dict, tmp: Path) -> None:
-    """`prunesearch launch CONFIG --quiet` (a module fixture has no capsys: its output is not checked)."""
-    from prunesearch.cli import main
-
-    old, sys.argv = sys.argv, ["prunesearch", "launch", str(write_config(tmp, cfg)), "--quiet"]
-    try:
-        main()
-    except SystemExit as exc:
-        assert exc.code in (0, None), f"launch exited {exc.code}"
-    finally:
-        sys.argv = old
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +26,7 @@ def wanda_study(tmp_path_factory, ray_session):
     tmp = tmp_path_factory.mktemp("finish")
     cfg = study_config(tmp, trials=3, space={"split_attn_mlp": True, "kv_bits": True},
                        objectives=["frobenius", "kv_bytes"], kv_cache={"bits_choices": [16, 8, 4]})
-    _launch(cfg, tmp)
+    launch_quietly(write_config(tmp, cfg))
     return cfg
 
 

@@ -22,7 +22,7 @@ from conftest import (FINISHED, PG_PASSWORD, StudyDb, driver_name, frozen_after,
 
 @pytest.fixture(scope="module")
 def ray_session(postgres_url, ray_session):
-    """conftest's, started after the database fixture, so in-process workers inherit its password variable."""
+    """conftest's, after the database fixture (in-process workers need its password variable)."""
     yield
 
 
@@ -212,10 +212,11 @@ def test_processes_opening_a_fresh_database_at_once_all_get_it(tmp_path, capsys)
     code, _, err = run_cli(["status", "--storage", f"sqlite:///{tmp_path / 'notes.db'}"], capsys)
     assert code == 2 and "file is not a database" in err and "Traceback" not in err
     # no fork of this process (it may hold Ray threads): children fork from a fork server, a fresh
-    # process that imported the storage code (and this module) once, instead of each spawned child
-    # importing torch on its own; each child still opens its own engine and connections
+    # process that imported the driver's code (and this module) once, instead of each spawned child
+    # importing torch on its own; each child still opens its own engine and connections (the server
+    # outlives the test: test_stale's racers fork from it too)
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["prunesearch.search.storage", __name__])
+    ctx.set_forkserver_preload(["prunesearch.search.storage", "prunesearch.search.dispatch", __name__])
     barrier, results = ctx.Barrier(6), ctx.Queue()
     procs = [ctx.Process(target=_open_when_told, args=(url, barrier, results), daemon=True) for _ in range(6)]
     try:
