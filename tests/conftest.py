@@ -8,6 +8,7 @@ row that use it (ray_session)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import socket
@@ -224,6 +225,16 @@ def pytest_runtest_teardown(item, nextitem):
     yield
 
 
+def _start_ray() -> None:
+    """ray_session's Ray, started unless it runs already."""
+    import ray
+
+    if not (_our_ray[0] and ray.is_initialized()):
+        os.environ.setdefault("PRUNESEARCH_DB_PASSWORD", PG_PASSWORD)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        _our_ray[0] = True
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     """One in-process Ray for the module: the driver joins it instead of starting its own. Always a
@@ -234,15 +245,40 @@ def ray_session():
     goes in first, so that a PostgreSQL study runs on a Ray started for an earlier module."""
     import ray
 
-    if not (_our_ray[0] and ray.is_initialized()):
-        os.environ.setdefault("PRUNESEARCH_DB_PASSWORD", PG_PASSWORD)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        _our_ray[0] = True
+    _start_ray()
     yield
     nxt = _next_test[0]
     if nxt is None or "ray_session" not in nxt.fixturenames:
         ray.shutdown()
         _our_ray[0] = False
+
+
+@pytest.fixture(scope="session")
+def default_study(tmp_path_factory) -> tuple[dict, str]:
+    """A finished study of the default test config (study_config: 6 trials), launched as a user
+    does, and what the launch printed. Shared and only read: test_search checks it, the read-only
+    commands of test_user_errors read it. Its users take ray_session, whose Ray it joins (or starts,
+    for ray_session to carry on or stop)."""
+    _start_ray()
+    tmp = tmp_path_factory.mktemp("default-study")
+    cfg = study_config(tmp)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        launch_quietly(write_config(tmp, cfg))
+    return cfg, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def kv_study(tmp_path_factory) -> dict:
+    """A finished study of separate attention/MLP ratios and searched KV bits (6 trials; objectives
+    frobenius and kv_bytes: best = the knee). Shared and only read, by test_search and
+    test_export_finish; its users take ray_session (as default_study)."""
+    _start_ray()
+    tmp = tmp_path_factory.mktemp("kv-study")
+    cfg = study_config(tmp, trials=6, space={"kv_bits": True, "split_attn_mlp": True},
+                       objectives=["frobenius", "kv_bytes"], kv_cache={"bits_choices": [16, 8, 4]})
+    launch_quietly(write_config(tmp, cfg))
+    return cfg
 
 
 def start_driver(path: Path | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:

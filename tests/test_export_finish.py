@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import launch_quietly, load, run_cli, study_config, write_config
+from conftest import load, run_cli, study_config, write_config
 from prunesearch.pruning.masks import NM, layer_counts
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -21,13 +21,10 @@ LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 @pytest.fixture(scope="module")
-def wanda_study(tmp_path_factory, ray_session):
-    """Wanda masks, separate attention/MLP ratios and searched KV bits (two objectives: best = the knee)."""
-    tmp = tmp_path_factory.mktemp("finish")
-    cfg = study_config(tmp, trials=3, space={"split_attn_mlp": True, "kv_bits": True},
-                       objectives=["frobenius", "kv_bytes"], kv_cache={"bits_choices": [16, 8, 4]})
-    launch_quietly(write_config(tmp, cfg))
-    return cfg
+def wanda_study(kv_study, ray_session):
+    """Wanda masks, separate attention/MLP ratios and searched KV bits (two objectives: best = the knee):
+    conftest's kv_study, which test_search reads too."""
+    return kv_study
 
 
 def _saved_zeros(model_dir: Path, blocks: int) -> dict[str, tuple[int, torch.Tensor]]:

@@ -15,10 +15,8 @@ from optuna.trial import TrialState
 from conftest import FINISHED, frozen_after, load, run_cli, start_driver, study_config, write_config
 
 
-def test_launch_runs_a_study_through_ray_and_sqlite(tmp_path, capsys, ray_session):
-    cfg = study_config(tmp_path)
-    code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
-    assert code == 0, err
+def test_launch_runs_a_study_through_ray_and_sqlite(default_study, tmp_path, capsys, ray_session):
+    cfg, out = default_study  # `launch --quiet` of study_config's 6 trials, and what it printed
     study = load(cfg)
     trials = study.get_trials(states=FINISHED)
     assert len(trials) == 6
@@ -51,7 +49,7 @@ def test_launch_runs_a_study_through_ray_and_sqlite(tmp_path, capsys, ray_sessio
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"history.png", "sparsity.png"}
 
     # a changed config under the same name is refused
-    changed = study_config(tmp_path, pruning={"sparsity": 0.5})
+    changed = {**cfg, "pruning": {**cfg["pruning"], "sparsity": 0.5}}
     code, _, err = run_cli(["launch", str(write_config(tmp_path, changed, "changed.yaml")), "--quiet"], capsys)
     assert code == 2 and "different config" in err
 
@@ -127,11 +125,8 @@ def test_a_mistake_found_when_the_worker_starts_is_a_one_line_error(tmp_path, ca
     assert code == 2 and "model path not found" in err and "Traceback" not in err, err
 
 
-def test_kv_bits_study_is_multi_objective_and_exports_the_knee(tmp_path, capsys, ray_session):
-    cfg = study_config(tmp_path, trials=6, space={"kv_bits": True, "split_attn_mlp": True},
-                       objectives=["frobenius", "kv_bytes"], kv_cache={"bits_choices": [16, 8, 4]})
-    code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
-    assert code == 0, err
+def test_kv_bits_study_is_multi_objective_and_exports_the_knee(kv_study, tmp_path, capsys, ray_session):
+    cfg = kv_study  # 6 trials of per-block attention/MLP sparsity and KV bits {16, 8, 4}, launched as a user does
     study = load(cfg)
     assert len(study.directions) == 2 and len(study.get_trials(states=FINISHED)) == 6
     kv = {t.user_attrs["objectives"]["kv_bytes"] for t in study.get_trials(states=(TrialState.COMPLETE,))}

@@ -21,7 +21,7 @@ import optuna
 import pytest
 import yaml
 
-from conftest import launch_quietly, load, run_cli, study_config, write_config
+from conftest import load, run_cli, study_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,12 +149,10 @@ def test_another_applications_sqlite_file_is_refused_untouched(command, tmp_path
 
 
 @pytest.fixture(scope="module")
-def finished_study(tmp_path_factory, ray_session):
-    """A real two-trial study (shared by the read-only tests)."""
-    tmp = tmp_path_factory.mktemp("done")
-    cfg = study_config(tmp, trials=2)
-    launch_quietly(write_config(tmp, cfg))
-    return tmp, cfg
+def finished_study(default_study, ray_session):
+    """A real finished study of 6 trials, conftest's default_study (shared with test_search, only read)."""
+    cfg, _ = default_study
+    return Path(cfg["storage"].removeprefix("sqlite:///")).parent, cfg
 
 
 def test_read_only_commands_never_change_a_byte_of_the_study_database(finished_study, tmp_path, capsys):
@@ -182,7 +180,7 @@ def test_a_read_only_study_file_is_refused_before_any_work(read_only, finished_s
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search", "--"]
         proc = subprocess.run([*drop, sys.executable, "-m", "prunesearch", "resume", "--study", "t", "--storage",
-                               f"sqlite:///{folder / 'studies.db'}", "--trials", "3"],
+                               f"sqlite:///{folder / 'studies.db'}", "--trials", "8"],
                               env=env, capture_output=True, text=True, timeout=120)
         one_line_error(proc.returncode, proc.stderr, "read-only")
         assert sorted(p.name for p in folder.iterdir()) == ["studies.db"]  # no lock, WAL or shm files left
