@@ -330,6 +330,14 @@ class StudyDb:
                 raise
             return 0  # a driver is creating the schema
 
+    def running_before_their_first_report(self, conn) -> int:
+        """RUNNING trials with no intermediate value yet: inside ``frozen`` each one is surely still
+        being evaluated, as its worker stops at that report (a database write) until the freeze ends."""
+        sql = ("SELECT count(*) FROM trials t JOIN studies s ON s.study_id = t.study_id "
+               "WHERE s.study_name = :study AND t.state = 'RUNNING' AND NOT EXISTS "
+               "(SELECT 1 FROM trial_intermediate_values v WHERE v.trial_id = t.trial_id)")
+        return conn.execute(sqlalchemy.text(sql), {"study": self.study}).scalar()
+
     @contextlib.contextmanager
     def frozen(self):
         """No process writes a trial while inside (SQLite: the database's write lock; PostgreSQL:
