@@ -159,6 +159,11 @@ def _print_prune_report(report: dict, out: Path | None) -> None:
     budget = f"round({report['target_sparsity']} x {total:,})"
     if report.get("prunable_set"):
         out_console.print(f"prunable: {report['prunable_set']}", soft_wrap=True)
+    if modality := (report.get("calibration") or {}).get("modality"):  # an image-text-to-text model's
+        from prunesearch.pruning.vision import describe
+
+        out_console.print(f"calibration prompts: {modality}", soft_wrap=True)
+        out_console.print(describe(report.get("vision_tower")), soft_wrap=True)
     if (unrouted := report.get("unrouted_experts") or {}).get("count"):
         out_console.print(f"experts no calibration token reached (pruned by magnitude): {unrouted['count']}", soft_wrap=True)
     if pruned == goal:

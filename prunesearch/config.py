@@ -30,6 +30,11 @@ class ModelConfig(Strict):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     trust_remote_code: bool = False
     max_layers: int | None = Field(None, ge=1, description="keep only the first N decoder blocks (quick experiments, tests)")
+    vision_tower_sparsity: float = Field(
+        0.0, ge=0.0, lt=1.0, description="image-text-to-text models (LLaVA): also prune the vision tower's linear layers "
+                                         "to this sparsity, each layer alike, by the pruning metric's scores (Wanda's for "
+                                         "sparsegpt) from the calibration images; outside the decoder's budget, reported "
+                                         "apart, the same in every trial of a study. 0: vision tower and projector dense")
 
 
 class DataConfig(Strict):

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from torch import nn
 
-from prunesearch.data.texts import calibration_pool, evaluation_texts
+from prunesearch.data.texts import calibration_modality, calibration_pool, evaluation_texts
 from prunesearch.errors import UserError
 from prunesearch.models.families import audit_blocks
-from prunesearch.models.loading import load_tokenizer, meta_model, resolve_device, resolve_dtype
+from prunesearch.models.loading import is_image_text, load_processor, load_tokenizer, meta_model, resolve_device, resolve_dtype
 from prunesearch.models.saving import bias_fold_problem
 from prunesearch.paths import check_output
 from prunesearch.pruning.engine import check_spec
+from prunesearch.pruning.vision import check_vision_pruning
 from prunesearch.spaces import ModelLayout, make_study_space
 
 
@@ -35,6 +36,8 @@ class Checked:
     prunable_weights: int
     seconds: float
     prunable_set: str = ""  # what the budget is counted over, and what is left dense (BlockAudit.describe)
+    calibration: str | None = None  # an image-text-to-text model's calibration: image + text, or text only
+    vision: str | None = None  # an image-text-to-text model's vision tower: dense, or pruned to what
 
 
 def check_model(m, local_device: bool = True) -> nn.Module:
@@ -42,15 +45,21 @@ def check_model(m, local_device: bool = True) -> nn.Module:
     resolve_dtype(m.dtype)
     if local_device:
         resolve_device(m.device)
-    return meta_model(m.name, m.trust_remote_code, m.max_layers)
+    model = meta_model(m.name, m.trust_remote_code, m.max_layers)
+    check_vision_pruning(model, m.vision_tower_sparsity)
+    return model
 
 
-def check_texts(m, calibration, evaluation) -> None:
+def check_texts(m, calibration, evaluation, model: nn.Module | None = None) -> str | None:
     """Calibration (the whole selection pool) and held-out text hold the requested sequences:
-    cut exactly as the job cuts them (tokens cached on disk)."""
+    cut exactly as the job cuts them (tokens cached on disk). For an image-text-to-text
+    ``model`` (its meta copy) the images are prepared by its processor too; returns what it
+    calibrates on (None for a text model)."""
     tokenizer = load_tokenizer(m.name, m.trust_remote_code)
-    calibration_pool(tokenizer, calibration)
+    processor = load_processor(m.name, m.trust_remote_code) if model is not None and is_image_text(model.config) else None
+    calibration_pool(tokenizer, calibration, processor)
     evaluation_texts(tokenizer, evaluation)
+    return calibration_modality(processor, calibration)
 
 
 def _check_removal(n_blocks: int, remove: int, what: str) -> None:
@@ -77,8 +86,9 @@ def check_prune(cfg, out: Path | None = None, overwrite: bool = False) -> Checke
     if cfg.kv_cache is not None and cfg.kv_cache.bits and len(cfg.kv_cache.bits) != n_blocks - p.remove_layers:
         raise UserError(f"kv_cache.bits gives {len(cfg.kv_cache.bits)} bit widths for {n_blocks - p.remove_layers} "
                         f"decoder layers")
-    check_texts(cfg.model, cfg.calibration, cfg.evaluation)
-    return Checked(n_blocks, sum(l.numel for l in linears), time.perf_counter() - t0, audit.describe())
+    modality = check_texts(cfg.model, cfg.calibration, cfg.evaluation, model)
+    return Checked(n_blocks, sum(l.numel for l in linears), time.perf_counter() - t0, audit.describe(), modality,
+                   _vision_line(cfg.model, modality))
 
 
 def check_study(cfg) -> Checked:
@@ -98,10 +108,21 @@ def check_study(cfg) -> Checked:
         layout = ModelLayout(n_blocks - p.remove_layers, layout.attn_sizes[p.remove_layers:],
                              layout.mlp_sizes[p.remove_layers:])
     make_study_space(cfg, layout)  # space parameters (e.g. owl's M_range) checked against the model
-    check_texts(cfg.model, cfg.calibration, cfg.evaluation)
+    modality = check_texts(cfg.model, cfg.calibration, cfg.evaluation, model)
     if not cfg.workers.address:  # the workers run here: a model that fits nowhere, even streamed, is said now
         check_memory(cfg, model, linears)
-    return Checked(n_blocks, layout.total, time.perf_counter() - t0, audit.describe())
+    return Checked(n_blocks, layout.total, time.perf_counter() - t0, audit.describe(), modality,
+                   _vision_line(cfg.model, modality))
+
+
+def _vision_line(m, modality: str | None) -> str | None:
+    """What happens to an image-text-to-text model's vision tower (None for a text model)."""
+    if modality is None:
+        return None
+    if not m.vision_tower_sparsity:
+        return "vision tower and projector left dense (model.vision_tower_sparsity: 0)"
+    return (f"vision tower: its linears pruned to {m.vision_tower_sparsity:.0%} once, outside the decoder's budget; "
+            f"projector left dense")
 
 
 def check_memory(cfg, model: nn.Module, linears) -> None:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from prunesearch.config import PruneConfig
-from prunesearch.data.texts import calibration_texts, evaluation_texts
+from prunesearch.data.texts import calibration_modality, calibration_texts, evaluation_texts
 from prunesearch.errors import UserError
 from prunesearch.kvcache import kv_context, kv_report
 from prunesearch.models import load_model
@@ -17,6 +17,7 @@ from prunesearch.objectives.lm import perplexity
 from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
 from prunesearch.pruning.engine import collect_stats, dense_stats_extras, prune_model
 from prunesearch.pruning.layer_removal import remove_blocks
+from prunesearch.pruning.vision import prune_vision_tower
 from prunesearch.workers import dense_cache
 
 REPORT_NAME = "prune_report.json"
@@ -42,7 +43,7 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         raise UserError(problem)
 
     t = time.perf_counter()
-    calib, selection = calibration_texts(lm.tokenizer, cfg.calibration, model)
+    calib, selection = calibration_texts(lm.tokenizer, cfg.calibration, model, lm.processor)
     held_out = evaluation_texts(lm.tokenizer, cfg.evaluation)
     timings["data"] = time.perf_counter() - t
     bs_eval = cfg.evaluation.batch_size if cfg.evaluation else 8
@@ -91,6 +92,10 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
                                        cached_stats, ref, removed_blocks=removal.removed if removal else None)
     result = prune_model(model, calib, spec, progress=progress, dense_stats=cached_stats)
     timings.update({f"prune_{k}": v for k, v in result.timings.items()})
+    t = time.perf_counter()
+    vision = prune_vision_tower(model, calib, p.metric, m.vision_tower_sparsity, bs)  # None: left dense
+    if vision is not None:
+        timings["prune_vision_tower"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if ref is not None and not getattr(model.config, "final_logit_softcapping", None):
@@ -118,8 +123,10 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
                                                          "compensated": cfg.pruning.compensate},
         "stats_source": result.stats_source,
         "prunable_set": audit_blocks(model)[1].describe(),  # what the sparsity is counted over
+        "vision_tower": vision,  # an LMM's vision tower when model.vision_tower_sparsity pruned it, else None
         "unrouted_experts": _unrouted_experts(result.unrouted),
-        "calibration": {**cfg.calibration.model_dump(), "tokens": int(calib.numel()), "selection": selection},
+        "calibration": {**cfg.calibration.model_dump(), "tokens": int(calib.numel()), "selection": selection,
+                        "modality": calibration_modality(lm.processor, cfg.calibration)},  # None: a text model
         "evaluation": None if held_out is None else {**cfg.evaluation.model_dump(), "tokens": int(held_out.numel())},
         "perplexity": None if held_out is None else {  # None: no evaluation text (--eval none)
             "dense": dense_ppl, "pruned": pruned_ppl, "source": cfg.evaluation.source,
@@ -137,7 +144,7 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
     }
     if out is not None:
         t = time.perf_counter()
-        save_pruned(model, lm.tokenizer, out, added_bias=result.added_bias, overwrite=overwrite)
+        save_pruned(model, lm.processor or lm.tokenizer, out, added_bias=result.added_bias, overwrite=overwrite)  # an LMM's processor holds its tokenizer
         timings["save"] = time.perf_counter() - t
     report["timings"] = timings
     if out is not None:

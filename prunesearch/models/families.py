@@ -42,6 +42,10 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family("opt", "model.decoder.layers", frozenset({"opt"}), ("model.decoder.final_layer_norm", "model.decoder.project_out")),
     Family("gpt2", "transformer.h", frozenset({"gpt2"}), ("transformer.ln_f",)),
+    # image-text-to-text (AutoModelForImageTextToText): the language model's blocks; the vision
+    # tower and the projector sit outside them, so they stay dense
+    Family("llava", "model.language_model.layers", frozenset({"llava", "llava_next", "vipllava"}),
+           ("model.language_model.norm",)),
 )
 
 
@@ -179,6 +183,7 @@ class BlockAudit:
     vectors: int = 0  # norms and biases (1-D)
     n_experts: int = 0
     shared_expert: bool = False  # Qwen2-MoE's always-on expert (nn.Linears): pruned as plain layers
+    outside: str = ""  # what else the model holds that stays dense (an LMM's vision tower and projector)
 
     def describe(self) -> str:
         """One line for the report: what is pruned, what is not, and the prunable share."""
@@ -186,7 +191,8 @@ class BlockAudit:
         shared = " and the shared expert" if self.shared_expert else ""
         parts = "attention + MLP" + (f" (experts: {self.n_experts} per MoE block{shared})" if self.experts else "")
         left = ("routers/gates, " if self.routers else "") + "norms and biases"
-        return f"{parts}; {left} left dense: {self.prunable / max(total, 1):.1%} of the decoder's weights"
+        line = f"{parts}; {left} left dense: {self.prunable / max(total, 1):.1%} of the decoder's weights"
+        return line + (f"; {self.outside}" if self.outside else "")
 
 
 def _block_layers(block: nn.Module, prefix: str, i: int, audit: BlockAudit) -> list[PrunableLinear]:
@@ -231,11 +237,29 @@ def audit_blocks(model: nn.Module) -> tuple[list[PrunableLinear], BlockAudit]:
     """Every prunable layer of every decoder block, in block order, and what the blocks hold."""
     blocks = decoder_blocks(model)
     prefix = find_family(model).blocks_path
-    audit = BlockAudit()
+    audit = BlockAudit(outside=_outside_language_model(model))
     out = [lin for i, block in enumerate(blocks) for lin in _block_layers(block, prefix, i, audit)]
     if not out:
         raise UserError("the model's decoder blocks hold no linear layers to prune")
     return out, audit
+
+
+def vision_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """An image-text-to-text model's vision side, (name, module): the vision tower and the
+    multimodal projector (empty for a text model)."""
+    inner = getattr(model, "model", None)
+    return [(f"model.{n}", m) for n in ("vision_tower", "multi_modal_projector")
+            if isinstance(m := getattr(inner, n, None), nn.Module)]
+
+
+def _outside_language_model(model: nn.Module) -> str:
+    """The report's note on an LMM's vision side, which the decoder's budget does not count."""
+    parts = vision_modules(model)
+    if not parts:
+        return ""
+    n = sum(p.numel() for _, m in parts for p in m.parameters())
+    names = " and ".join({"vision_tower": "vision tower", "multi_modal_projector": "projector"}[name.rsplit(".", 1)[1]] for name, _ in parts)
+    return f"{names} ({n:,} weights) outside the budget"
 
 
 def prunable_linears(model: nn.Module) -> list[PrunableLinear]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from prunesearch.models.families import decoder_blocks
+from prunesearch.models.images import model_inputs
 
 
 class StopForward(Exception):
@@ -30,9 +31,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def run_until_stop(model: nn.Module, ids: torch.Tensor) -> None:
-    """Forward ``ids`` until a hook raises StopForward (the rest of the model is skipped)."""
+    """Forward ``ids`` until a hook raises StopForward (the rest of the model is skipped). Image
+    prompts (models/images.py) carry their images along."""
     try:
-        model(input_ids=ids.to(model_device(model)), use_cache=False)
+        model(**model_inputs(model, ids.to(model_device(model))), use_cache=False)
     except StopForward:
         pass
 

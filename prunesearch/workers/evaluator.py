@@ -38,6 +38,7 @@ from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.layer_removal import remove_blocks
 from prunesearch.pruning.masks import parse_structure
 from prunesearch.pruning.stats import ColumnStats
+from prunesearch.pruning.vision import prune_vision_tower
 from prunesearch.spaces import Candidate, ModelLayout, linear_units, unit_of
 from prunesearch.workers.dense_cache import (from_blob, load_dense, model_fingerprint, model_parts, save_dense, side_key,
                                              to_blob)
@@ -68,12 +69,15 @@ class Evaluator:
         self.device = placement.compute_devices(device)[0] if self.plan.streamed else next(self.model.parameters()).device
         self.stages["model load"], t = time.perf_counter() - t, time.perf_counter()
         calib, held_out = load_texts(self.lm.tokenizer, self.cfg.calibration, self.cfg.evaluation,
-                                     model=None if self.plan.streamed else self.model)
+                                     model=None if self.plan.streamed else self.model, processor=self.lm.processor)
         self.held_out = held_out if any(objective(n).kind == "perplexity" for n in self.cfg.objectives) else None
         self.kv_quant = kv_quant_config(self.cfg.kv_cache)  # how the cache is quantized; the bits are the candidate's
         self.stages["text"], t = time.perf_counter() - t, time.perf_counter()
         self.fixed_removal = None  # what pruning.remove_layers removed before the search, if anything
         self.dense_stats, self.ref = self._dense_side(calib, dense)  # removes blocks first when the study says so
+        # an LMM's vision tower, when the study prunes it: once, after the dense side, the same in every trial
+        self.vision = prune_vision_tower(self.model, calib, self.cfg.pruning.metric, m.vision_tower_sparsity,
+                                         self.cfg.calibration.batch_size)
         placement.give_back_freed()  # the calibration's activations
         self.stages["dense side"], t = time.perf_counter() - t, time.perf_counter()
         linears = prunable_linears(self.model)
