@@ -47,6 +47,8 @@ bench: $(STAMP)
 # every method and study kind on the accelerator (CUDA when present), checked against the CPU
 device-check: $(STAMP)
 	$(PY) bench/device_check.py --cpu-check
+	# a 2:4 model's linears through torch's semi-structured sparse kernels vs dense (CUDA; on CPU it says there is no speed-up)
+	$(PY) bench/sparse24_speed.py
 	$(PY) bench/memory.py --sizes 2 --modes blocks none
 
 clean:

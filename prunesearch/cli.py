@@ -55,6 +55,11 @@ def _override(data: dict, flags: dict[str, tuple[str, Any]]) -> dict[str, str]:
     return given
 
 
+FORMAT_HELP = ("How the pruned model is saved: hf (plain dense safetensors, the default) or compressed-tensors (the "
+               "pruned linears as compressed-tensors' sparse bitmask, 2:4 models in its 2:4 layout: smaller on disk; "
+               "needs pip install 'prunesearch[deploy]'; read it back with prunesearch.models.compressed.load_compressed).")
+
+
 @app.command()
 def prune(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML pruning config (e.g. from `prunesearch export`); flags override it."),
@@ -84,6 +89,13 @@ def prune(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Save the pruned model here (safetensors, config, tokenizer, prune_report.json)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    fmt: str = typer.Option("hf", "--format", help=FORMAT_HELP),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-eval tasks to report, dense and pruned accuracy: "
+                                          "TASK[,TASK] (arc_easy,hellaswag,winogrande,boolq,piqa online; offline a task "
+                                          "of --lm-eval-dir). Needs pip install 'prunesearch[eval]'."),
+    lm_eval_dir: Optional[str] = typer.Option(None, "--lm-eval-dir", help="A local directory of lm-eval task YAMLs "
+                                              "(offline), instead of lm-eval's own registry."),
+    lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", help="Documents per lm-eval task (default all)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Prune a model once and report perplexity and reconstruction error before and after."""
@@ -115,12 +127,16 @@ def prune(
         flags |= _override(data, {"evaluation.source": ("--eval", eval_source), "evaluation.samples": ("--eval-samples", eval_samples),
                                   "evaluation.seq_len": ("--eval-seq-len", eval_seq_len),
                                   "evaluation.batch_size": ("--batch-size", batch_size)})
+    flags |= _override(data, {"lm_eval.tasks": ("--lm-eval", lm_eval and [t.strip() for t in lm_eval.split(",")]),
+                              "lm_eval.tasks_dir": ("--lm-eval-dir", lm_eval_dir), "lm_eval.limit": ("--lm-eval-limit", lm_eval_limit)})
     cfg = validate(PruneConfig, data, str(config) if config else "options", flags)
+    from prunesearch.models.compressed import check_format
     from prunesearch.preflight import check_prune
 
+    check_format(fmt)
     check_prune(cfg, out, overwrite)  # seconds, before the model loads: every mistake found so far is one line
     _quiet_libraries(quiet)
-    report = run_prune(cfg, out, overwrite=overwrite, progress=not quiet)
+    report = run_prune(cfg, out, overwrite=overwrite, progress=not quiet, fmt=fmt)
     _print_prune_report(report, out)
 
 
@@ -150,6 +166,8 @@ def _print_prune_report(report: dict, out: Path | None) -> None:
         rec = report["reconstruction"]["pruned"]
         table.add_row("reconstruction ||dlogits||_F (relative)", "0", f"{rec['frobenius']:,.1f} ({rec['frobenius_rel']:.3f})")
         table.add_row("mean KL(dense || pruned)", "0", f"{rec['kl']:.4f}")
+    for task, acc in ((report.get("lm_eval") or {}).get("tasks") or {}).items():
+        table.add_row(f"lm_eval {task} accuracy", f"{acc['dense']:.4f}", f"{acc['pruned']:.4f}")
     table.add_row("sparsity", "0", f"{report['achieved_sparsity']:.4f}")
     out_console.print(table)
     split = any(isinstance(b["target"], list) for b in report["blocks"])  # [attention, MLP] pairs
@@ -180,6 +198,10 @@ def _print_prune_report(report: dict, out: Path | None) -> None:
     out_console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     if out is not None:
         out_console.print(f"saved to {out} (report: {out}/prune_report.json)")
+    if (saved := report.get("saved") or {}).get("sparse_format"):
+        out_console.print(f"format: compressed-tensors {saved['sparse_format']}, {saved['bytes'] / 1e6:,.1f} MB of weights "
+                          f"on disk against {saved['dense_bytes'] / 1e6:,.1f} MB dense "
+                          f"({saved['bytes'] / saved['dense_bytes']:.0%})", soft_wrap=True)
 
 
 def _quiet_optuna() -> None:
@@ -391,18 +413,22 @@ def export(
                                "describe this model: --apply reports its own perplexity. A study whose metric is already "
                                "sparsegpt re-applies its own solve (a note says so)."),
     overwrite: bool = typer.Option(False, help="Replace existing output files / --apply directory."),
+    fmt: str = typer.Option("hf", "--format", help="With --apply: " + FORMAT_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Write the chosen trial as a pruning config that `prunesearch prune --config` applies exactly
     (or, with --finish sparsegpt, at the trial's ratios with SparseGPT's weight update)."""
     from prunesearch.config import PruneConfig, validate
     from prunesearch.search.export import (finish_header, finish_spec, llmcompressor_recipe, own_metric, pick_trial,
-                                           prune_config, resolve_finish, write_yaml)
+                                           prune_config, recipe_notes, resolve_finish, write_yaml)
     from prunesearch.search.study import load_study_config
 
     from prunesearch.preflight import check_output, check_prune
 
+    from prunesearch.models.compressed import check_format
+
     finish_spec(finish)  # a bad --finish is an error before the study is opened
+    check_format(fmt)
     recipe_path = out.with_name(out.stem + ".recipe.yaml")
     check_output(out, "file", overwrite, "--out")
     check_output(recipe_path, "file", overwrite, "--out (its recipe)")
@@ -426,11 +452,13 @@ def export(
         Console().print(f"trial {trial.number} ({values}) -> {out} (no llm-compressor recipe: the trial removes "
                         "decoder blocks, which a recipe cannot express)", highlight=False)
     else:
-        recipe = llmcompressor_recipe(cfg, trial, info.get("block_class", "LlamaDecoderLayer"), info.get("linear_names", []),
-                                      finish=solver)
-        write_yaml(recipe_path, recipe, f"# llm-compressor recipe for study {study}, trial {trial.number}"
-                                        + (f", finished with {solver}" if solver else ""))
+        recipe = llmcompressor_recipe(info.get("linear_names", []))
+        notes = recipe_notes(cfg, trial, solver)
+        write_yaml(recipe_path, recipe, f"# llm-compressor recipe for study {study}, trial {trial.number}\n"
+                                        + "\n".join(f"# {line}" for line in notes))
         Console().print(f"trial {trial.number} ({values}) -> {out} and {recipe_path}", highlight=False)
+        for line in notes:
+            Console().print(f"recipe: {line}", highlight=False, soft_wrap=True)
     if solver:
         Console().print(f"finish: {solver}, sequential, at trial {trial.number}'s per-block ratios (the values above are "
                         f"the trial's, measured with {own_metric(cfg, trial)})",
@@ -441,7 +469,7 @@ def export(
         from prunesearch.prune_job import run_prune
 
         _quiet_libraries(quiet)
-        report = run_prune(exported, apply, overwrite=overwrite, progress=not quiet)
+        report = run_prune(exported, apply, overwrite=overwrite, progress=not quiet, fmt=fmt)
         _print_prune_report(report, apply)
 
 

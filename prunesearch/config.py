@@ -13,7 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunesearch.errors import UserError
-from prunesearch.objectives.registry import OBJECTIVES
+from prunesearch.objectives import downstream
+from prunesearch.objectives.registry import objective
 from prunesearch.pruning.allocations import ALLOCATIONS
 from prunesearch.pruning.engine import PruneSpec, check_spec
 from prunesearch.pruning.metrics import METRICS
@@ -54,6 +55,30 @@ class EvalConfig(DataConfig):
     source: str = "wikipedia"
     samples: int = Field(16, ge=1)
     seq_len: int = Field(512, ge=2, le=131072)
+
+
+class LmEvalConfig(Strict):
+    """Downstream tasks through lm-eval-harness (objectives/downstream.py): ``prune`` reports each
+    task's accuracy before and after; a study maximises it as an objective ``lm_eval:TASK[,TASK]``."""
+
+    tasks: list[str] = Field([], description="prune: the lm-eval tasks to report (dense and pruned accuracy); a study "
+                                             "names its tasks in its objectives instead (lm_eval:TASK[,TASK])")
+    tasks_dir: str | None = Field(None, description="a local directory of lm-eval task YAMLs (or one YAML), used "
+                                                    "offline instead of lm-eval's own registry (whose datasets come "
+                                                    "from the hub); null: the registry (arc_easy, hellaswag, ...)")
+    limit: int | None = Field(None, ge=1, description="documents per task (the first ones); null: every document")
+    batch_size: int = Field(8, ge=1)
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per prompt; null: the task's own")
+
+    @model_validator(mode="after")
+    def _usable(self) -> "LmEvalConfig":
+        for task in self.tasks:
+            if not task.strip() or "," in task:
+                raise ValueError(f"lm_eval.tasks: one task name per entry, not {task!r}")
+        _as_value_error(lambda: downstream.check_tasks_dir(self.tasks_dir))
+        if self.tasks:
+            _as_value_error(downstream.check_library)
+        return self
 
 
 class AllocationConfig(Strict):
@@ -123,6 +148,7 @@ class PruneConfig(Strict):
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     reconstruction_samples: int = Field(8, ge=0, description="calibration prompts used for the reconstruction error (0 skips it)")
     kv_cache: KVCacheConfig | None = Field(None, description="evaluate with the KV cache quantized at kv_cache.bits per layer")
+    lm_eval: LmEvalConfig | None = Field(None, description="downstream tasks whose accuracy the report gives, dense and pruned")
 
 
 def storage_url_problem(url: str) -> str | None:
@@ -382,7 +408,9 @@ class StudyConfig(Strict):
                             "log-probability), or a number K (the top K per token: a lower bound of the KL)")
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
-    objectives: list[str] = Field(["frobenius"], min_length=1)
+    objectives: list[str] = Field(["frobenius"], min_length=1, description="registered objectives, or lm_eval:TASK[,TASK] "
+                                                                      "(mean accuracy on lm-eval tasks, maximised)")
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig, description="settings of the lm_eval:TASK objectives")
     search: SearchConfig = Field(default_factory=SearchConfig)
     storage: str = Field("sqlite:///studies.db", description="any SQLAlchemy URL; PostgreSQL on a cluster")
     study: str | None = Field(None, description="study name; default derived from the config")
@@ -399,13 +427,20 @@ class StudyConfig(Strict):
     @classmethod
     def _known_objectives(cls, v: list[str]) -> list[str]:
         for name in v:
-            _as_value_error(lambda: OBJECTIVES.get(name))
+            _as_value_error(lambda: objective(name))
         if len(set(v)) != len(v):
             raise ValueError("an objective is listed twice")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "StudyConfig":
+        if any(downstream.is_lm_eval(n) for n in self.objectives):
+            if self.lm_eval.tasks:
+                raise ValueError("lm_eval.tasks: a study names its tasks in its objectives (lm_eval:TASK[,TASK])")
+            if self.workers.offload == "blocks":
+                raise ValueError("lm_eval objectives run the whole model through lm-eval: workers.offload blocks "
+                                 "(streamed) cannot; use none or auto")
+            _as_value_error(downstream.check_library)
         if "perplexity" in self.objectives and self.evaluation is None:
             raise ValueError("the perplexity objective needs an evaluation section (held-out text)")
         if self.space.kv_bits and "kv_bytes" not in self.objectives:
@@ -452,7 +487,7 @@ class StudyConfig(Strict):
         return self
 
     def _check_evo(self) -> None:
-        if len(self.objectives) != 1 or OBJECTIVES.get(self.objectives[0]).meta["kind"] != "forward":
+        if len(self.objectives) != 1 or objective(self.objectives[0]).kind != "forward":
             raise ValueError(f"the evo sampler ranks children on one reconstruction objective (frobenius, "
                              f"frobenius_rel or kl), not {self.objectives}")
         n_stages, s = len(self.stage_prompts()), self.search

@@ -22,6 +22,7 @@ from prunesearch.errors import UserError
 from prunesearch.models.families import audit_blocks
 from prunesearch.models.loading import is_image_text, load_processor, load_tokenizer, meta_model, resolve_device, resolve_dtype
 from prunesearch.models.saving import bias_fold_problem
+from prunesearch.objectives import downstream
 from prunesearch.paths import check_output
 from prunesearch.pruning.engine import check_spec
 from prunesearch.pruning.vision import check_vision_pruning
@@ -62,6 +63,12 @@ def check_texts(m, calibration, evaluation, model: nn.Module | None = None) -> s
     return calibration_modality(processor, calibration)
 
 
+def check_lm_eval_tasks(tasks: list[str], settings) -> None:
+    """lm-eval task names known to the registry the run uses (a local task directory, or lm-eval's own)."""
+    if tasks:
+        downstream.check_tasks(tasks, settings.tasks_dir)
+
+
 def _check_removal(n_blocks: int, remove: int, what: str) -> None:
     if remove >= n_blocks:
         raise UserError(f"{what} is {remove}, but the model has {n_blocks} decoder blocks: at least one must stay")
@@ -83,6 +90,8 @@ def check_prune(cfg, out: Path | None = None, overwrite: bool = False) -> Checke
     check_spec(p.spec(cfg.calibration.batch_size), kept)
     if out is not None and p.bias_compensation and (problem := bias_fold_problem(model)):
         raise UserError(problem)
+    if cfg.lm_eval is not None:
+        check_lm_eval_tasks(cfg.lm_eval.tasks, cfg.lm_eval)
     if cfg.kv_cache is not None and cfg.kv_cache.bits and len(cfg.kv_cache.bits) != n_blocks - p.remove_layers:
         raise UserError(f"kv_cache.bits gives {len(cfg.kv_cache.bits)} bit widths for {n_blocks - p.remove_layers} "
                         f"decoder layers")
@@ -101,6 +110,7 @@ def check_study(cfg) -> Checked:
     _check_removal(n_blocks, p.remove_layers, "pruning.remove_layers")
     if cfg.space.remove_layers:
         _check_removal(n_blocks, max(cfg.space.remove_layers), "the largest space.remove_layers choice")
+    check_lm_eval_tasks([t for n in cfg.objectives if downstream.is_lm_eval(n) for t in downstream.tasks_of(n)], cfg.lm_eval)
     # the fixed removal's blocks are not known before calibration: every layer must fit the structure
     check_spec(p.spec(), linears)
     layout = ModelLayout.of(linears)

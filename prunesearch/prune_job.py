@@ -12,7 +12,8 @@ from prunesearch.errors import UserError
 from prunesearch.kvcache import kv_context, kv_report
 from prunesearch.models import load_model
 from prunesearch.models.families import audit_blocks, prunable_linears
-from prunesearch.models.saving import bias_fold_problem, check_output_dir, save_pruned
+from prunesearch.models.saving import bias_fold_problem, check_output_dir, compress_saved, save_pruned
+from prunesearch.objectives import downstream
 from prunesearch.objectives.lm import perplexity
 from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
 from prunesearch.pruning.engine import collect_stats, dense_stats_extras, prune_model
@@ -29,8 +30,18 @@ def _unrouted_experts(names: list[str]) -> dict:
     return {"count": len(experts), "layers": names}
 
 
-def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Prune as ``cfg`` says; return the report (also written to ``out``/prune_report.json)."""
+def _task_accuracy(model, tokenizer, cfg: PruneConfig) -> dict[str, float] | None:
+    """Accuracy on the config's lm-eval tasks (None when it names none)."""
+    s = cfg.lm_eval
+    if s is None or not s.tasks:
+        return None
+    return downstream.accuracy(model, tokenizer, s.tasks, s.tasks_dir, s.limit, s.batch_size, s.num_fewshot)
+
+
+def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
+              fmt: str = "hf") -> dict:
+    """Prune as ``cfg`` says; return the report (also written to ``out``/prune_report.json).
+    ``fmt``: how ``out`` is saved, hf (dense safetensors) or compressed-tensors (sparse bitmask)."""
     if out is not None:
         check_output_dir(out, overwrite)
     timings: dict[str, float] = {}
@@ -74,6 +85,9 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         if ref is None:
             ref = DenseReference.compute(model, recon_ids, bs)
     timings["dense_eval"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if (dense_acc := _task_accuracy(model, lm.tokenizer, cfg)) is not None:
+        timings["dense_lm_eval"] = time.perf_counter() - t
 
     removal = None
     if p.remove_layers:
@@ -103,7 +117,9 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
     with kv_context(model, cfg.kv_cache):
         pruned_ppl = perplexity(model, held_out, bs_eval, progress, "pruned perplexity") if held_out is not None else None
         recon = reconstruction_error(model, ref) if ref is not None else None
-    timings["pruned_eval"] = time.perf_counter() - t
+        timings["pruned_eval"], t = time.perf_counter() - t, time.perf_counter()
+        if (pruned_acc := _task_accuracy(model, lm.tokenizer, cfg)) is not None:
+            timings["pruned_lm_eval"] = time.perf_counter() - t
 
     report = {
         "model": {"spec": lm.spec, "source": lm.source, "dtype": m.dtype, "device": str(next(model.parameters()).device),
@@ -139,12 +155,20 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         "layers": [vars(r) for r in result.layers],
         "added_bias": result.added_bias,
         "kv_cache": kv_report(model, cfg.kv_cache),
+        "lm_eval": None if dense_acc is None else {  # accuracy per task, dense and pruned (with the KV bits)
+            "tasks": {task: {"dense": dense_acc[task], "pruned": pruned_acc[task]} for task in dense_acc},
+            "tasks_dir": cfg.lm_eval.tasks_dir, "limit": cfg.lm_eval.limit},
         "cache": cache,  # which dense-side parts came from the disk cache (None: not needed)
         "config": cfg.model_dump(mode="json"),
     }
     if out is not None:
         t = time.perf_counter()
         save_pruned(model, lm.processor or lm.tokenizer, out, added_bias=result.added_bias, overwrite=overwrite)  # an LMM's processor holds its tokenizer
+        if fmt == "compressed-tensors":
+            saved = compress_saved(model, out, result.structure)
+            report["saved"] = {"format": fmt, "sparse_format": saved.fmt, "bytes": saved.bytes, "dense_bytes": saved.dense_bytes}
+        else:
+            report["saved"] = {"format": fmt}
         timings["save"] = time.perf_counter() - t
     report["timings"] = timings
     if out is not None:

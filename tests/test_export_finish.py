@@ -67,7 +67,9 @@ def test_finish_sparsegpt_prunes_the_trials_ratios_with_obs_updates(wanda_study,
     assert any("finish: sparsegpt, sequential" in line for line in header)
     assert any("measured with wanda" in line for line in header)  # the trial's values are not this model's
     recipe = yaml.safe_load((tmp_path / "best.recipe.yaml").read_text())
-    assert "SparseGPTModifier" in recipe["sparsity_stage"]["sparsity_modifiers"]
+    assert list(recipe["sparsity_stage"]["sparsity_modifiers"]) == ["ConstantPruningModifier"]  # keeps the finished masks
+    if min(data["kv_cache"]["bits"]) < 16:  # per-layer KV bits: said to be prunesearch-only, not turned into one FP8 scheme
+        assert "prunesearch-only" in " ".join(out.split()) and "quantization_stage" not in recipe
     assert "finish: sparsegpt, sequential" in out
 
     # the saved model: every linear has exactly the trial's count of zeros (counted, not asked)

@@ -17,6 +17,7 @@ from torch import nn
 
 from prunesearch.errors import UserError
 from prunesearch.paths import check_output
+from prunesearch.models.compressed import SavedSize, choose_format, compress_directory
 from prunesearch.models.families import PrunableLinear, prunable_linears
 
 BIAS_FLAGS = {"attn": "attention_bias", "mlp": "mlp_bias"}
@@ -77,3 +78,13 @@ def save_pruned(model: nn.Module, tokenizer, out: str | Path, *, added_bias: lis
         shutil.rmtree(path)
     tmp.rename(path)
     return path
+
+
+def compress_saved(model: nn.Module, out: str | Path, structure: str) -> SavedSize:
+    """Turn a directory ``save_pruned`` wrote into the compressed-tensors sparse format
+    (models/compressed.py): the pruned plain ``nn.Linear`` weights, as compressed-tensors
+    compresses them (GPT-2's Conv1D and fused experts stay dense); 2:4 models in the 2:4 layout."""
+    linears = [lin for lin in prunable_linears(model)
+               if isinstance(lin.module, nn.Linear) and lin.expert is None and lin.param_name == "weight"]
+    fmt = choose_format({lin.name: lin.weight for lin in linears}, structure)
+    return compress_directory(Path(out), [f"{lin.name}.weight" for lin in linears], fmt)

@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 from prunesearch import kvcache
+from prunesearch.objectives import downstream
 from prunesearch.objectives.lm import perplexity
 from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
+from prunesearch.errors import UserError
 from prunesearch.registry import Registry
 
 if TYPE_CHECKING:
-    from prunesearch.config import EvalConfig
+    from prunesearch.config import EvalConfig, LmEvalConfig
     from prunesearch.kvcache import KVQuantConfig
 
 OBJECTIVES = Registry("objective")
@@ -37,6 +39,8 @@ class ObjectiveInputs:
     held_out: torch.Tensor | None = None  # the evaluation text's token ids, when perplexity is asked
     evaluation: EvalConfig | None = None  # its settings (batch size)
     hidden: Callable | None = None  # how the decoder runs: (ids, batch size) -> final hidden states per batch; None: in memory
+    tokenizer: object | None = None  # for downstream tasks (lm_eval:TASK)
+    lm_eval: LmEvalConfig | None = None  # their settings (local task directory, documents per task)
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,28 @@ def _sparsity_deviation(x: ObjectiveInputs) -> float:
     return abs(x.achieved - x.target)
 
 
+def _lm_eval_objective(name: str) -> Objective:
+    """``lm_eval:TASK[,TASK]``: the mean accuracy over the tasks, maximised (objectives/downstream.py)."""
+    tasks = downstream.tasks_of(name)
+
+    def compute(x: ObjectiveInputs) -> float:
+        if x.hidden is not None:
+            raise UserError(f"{name} runs the whole model through lm-eval: it needs the model in memory "
+                            f"(workers.offload: none), not streamed block by block")
+        s = x.lm_eval
+        return downstream.mean_accuracy(downstream.accuracy(x.model, x.tokenizer, tasks, s.tasks_dir, s.limit,
+                                                            s.batch_size, s.num_fewshot))
+
+    return Objective(name, "maximize", "lm_eval", f"mean accuracy on the lm-eval tasks {', '.join(tasks)}", compute)
+
+
 def objective(name: str) -> Objective:
+    """A registered objective, or a downstream one named ``lm_eval:TASK[,TASK]``."""
+    if downstream.is_lm_eval(name):
+        return _lm_eval_objective(name)
+    if name not in OBJECTIVES.names():
+        raise UserError(f"unknown objective '{name}': choose one of {', '.join(OBJECTIVES.names())}, "
+                        f"or lm_eval:TASK[,TASK] (accuracy on lm-eval tasks)")
     return OBJECTIVES.get(name).fn
 
 

@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
+from prunesearch.objectives import downstream
 from prunesearch.pruning.metrics import METRICS, is_solver
 from prunesearch.search import attrs
 from prunesearch.spaces import Candidate, kept_bits
@@ -218,6 +219,9 @@ def prune_config(cfg: StudyConfig, trial: FrozenTrial, finish: str | None = None
         out["pruning"]["remove_blocks"] = list(trial.user_attrs[attrs.REMOVED_BLOCKS])
     if cand.kv_bits:
         out["kv_cache"] = cfg.kv_cache.model_dump(mode="json") | {"bits": cand.kv_bits}
+    tasks = [t for n in cfg.objectives if downstream.is_lm_eval(n) for t in downstream.tasks_of(n)]
+    if tasks:  # the study's downstream tasks: `export --apply` and `prune --config` report their accuracy
+        out["lm_eval"] = cfg.lm_eval.model_dump(mode="json") | {"tasks": list(dict.fromkeys(tasks))}
     return out
 
 
@@ -230,31 +234,32 @@ def finish_header(cfg: StudyConfig, trial: FrozenTrial, finish: str) -> str:
             f"#   above are the trial's, measured with {own}: this model differs (`export --apply` reports its perplexity)")
 
 
-def llmcompressor_recipe(cfg: StudyConfig, trial: FrozenTrial, block_class: str, linear_names: list[str],
-                         finish: str | None = None) -> dict:
-    """An llm-compressor recipe: Wanda (or SparseGPT for OBS-style metrics and a ``finish``) with per-layer sparsity."""
-    cand = trial_candidate(cfg, trial)
-    structure = "0:0" if cfg.pruning.structure == "unstructured" else cfg.pruning.structure
-    modifier = "SparseGPTModifier" if is_solver(finish or cand.metric or cfg.pruning.metric) else "WandaPruningModifier"
-    if cand.per_linear:
-        args = {"sparsity": dict(zip(linear_names, cand.ratios)) | {"lm_head": 0.0}, "targets": ["Linear"]}
-    elif cand.split:
-        per_linear = {}
-        for name in linear_names:
-            block = int(name.split(".")[-3]) if name.split(".")[-3].isdigit() else None
-            if block is None:
-                continue
-            per_linear[name] = cand.ratios[2 * block + ("mlp" in name or "fc" in name)]
-        args = {"sparsity": per_linear | {"lm_head": 0.0}, "targets": ["Linear"]}
-    else:
-        args = {"sparsity": list(cand.ratios), "targets": [block_class]}
-    stage: dict[str, Any] = {modifier: {**args, "mask_structure": structure, "ignore": ["re:.*lm_head"]}}
-    recipe = {"sparsity_stage": {"sparsity_modifiers": stage}}
-    if cand.kv_bits and max(cand.kv_bits) <= 8:
-        recipe["quantization_stage"] = {"quantization_modifiers": {"QuantizationModifier": {
-            "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True},
-        }}}
-    return recipe
+def llmcompressor_recipe(linear_names: list[str]) -> dict:
+    """An llm-compressor recipe that keeps the exported model's masks (``ConstantPruningModifier``
+    over its pruned linears) for what comes next there (quantization, fine-tuning). It prunes
+    nothing and re-derives nothing: llm-compressor has no modifier that reproduces a trial (its
+    Wanda and SparseGPT calibrate block by block on pruned inputs, our trials score from dense
+    one-shot statistics; most of our metrics and the searched ratios it cannot express at all),
+    so it starts from the pruned model ``export --apply`` saves. ``linear_names``: the pruned
+    linears the study recorded; without them every ``Linear`` (a dense layer's mask is all ones)."""
+    targets = list(linear_names) or ["Linear"]
+    return {"sparsity_stage": {"sparsity_modifiers": {"ConstantPruningModifier": {"targets": targets}}}}
+
+
+def recipe_notes(cfg: StudyConfig, trial: FrozenTrial, finish: str | None = None) -> list[str]:
+    """What the recipe carries and what it does not, for the export's output and the recipe's header."""
+    metric = finish or own_metric(cfg, trial)
+    notes = ["keeps the masks of the model `export --apply` (or `prunesearch prune --config`) saves: run it on "
+             "that model, not on the dense one (ConstantPruningModifier prunes nothing itself)",
+             f"does not re-derive them: the trial's {metric} masks at its searched per-layer ratios "
+             f"({'sequential' if finish else 'one-shot, dense statistics'}) have no llm-compressor equivalent; append "
+             f"a quantization stage to continue there"]
+    kv = trial_candidate(cfg, trial).kv_bits
+    if kv and min(kv) < 16:
+        notes.append(f"KV-cache bits {kv} (per layer) are prunesearch-only: llm-compressor's kv_cache_scheme is one "
+                     f"scheme for every layer and no runtime reads per-layer 4/6-bit caches; the pruning config keeps "
+                     f"them for `prunesearch prune`")
+    return notes
 
 
 def write_yaml(path, data: dict, header: str = "") -> None:

@@ -266,7 +266,8 @@ class Evaluator:
                 return TrialResult(ratios, achieved, pruned=True, prompts=ran[0], partial=ran[1], screened=ran[0] == screen,
                                    removed_blocks=removed, kept_sparsity=kept, timings={**timings, "total_s": time.perf_counter() - t0})
             inputs = ObjectiveInputs(self.model, achieved, self.cfg.pruning.sparsity, kv.bits, self.kv_quant, forward,
-                                     self.held_out, self.cfg.evaluation, hidden=self.stream.hidden if self.stream else None)
+                                     self.held_out, self.cfg.evaluation, hidden=self.stream.hidden if self.stream else None,
+                                     tokenizer=self.lm.tokenizer, lm_eval=self.cfg.lm_eval)
             values = {n: objective(n).compute(inputs) for n in names}
         return TrialResult(ratios, achieved, values=[values[n] for n in names], named=values,
                            metric=cand.metric or self.cfg.pruning.metric, prompts=self.ref.ids.shape[0] if forward else None,
