@@ -220,6 +220,30 @@ def test_launch_with_kv_bits_then_export_apply_and_reload(llava_dir, image_dir, 
     assert value == pytest.approx(report["reconstruction"]["pruned"]["frobenius"], rel=1e-4)
 
 
+def test_a_studys_workers_prune_the_vision_tower_once_and_stream_image_prompts(llava_dir, image_dir, tmp_path, monkeypatch):
+    """model.vision_tower_sparsity in a study: every trial runs with the tower pruned; blocks
+    streamed from host memory give the in-memory values on image prompts."""
+    from prunesearch.pruning.vision import vision_linears
+    from prunesearch.spaces import Candidate
+    from prunesearch.workers.evaluator import Evaluator
+
+    cfg = study_config(tmp_path, model={"name": llava_dir, "max_layers": None, "vision_tower_sparsity": 0.3},
+                       calibration={"source": image_dir, "samples": 4, "seq_len": 32, "batch_size": 2},
+                       reconstruction_samples=2, objectives=["kl", "frobenius"], search={"pruner": "none"})
+    evaluators = {}
+    for offload in ("none", "blocks"):
+        monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / offload))
+        evaluators[offload] = Evaluator({**cfg, "workers": {**cfg["workers"], "offload": offload}})
+    memory, streamed = evaluators["none"], evaluators["blocks"]
+    assert streamed.plan.streamed and not memory.plan.streamed
+    vision = vision_linears(memory.model)
+    assert memory.vision["pruned"] == round(0.3 * sum(l.numel for l in vision)) == sum(int((l.weight == 0).sum()) for l in vision)
+    assert memory.vision["by_magnitude"] == 0  # the calibration images reached every layer
+    a, b = memory.evaluate(Candidate(ratios=[0.4, 0.6])), streamed.evaluate(Candidate(ratios=[0.4, 0.6]))
+    assert a.achieved == b.achieved and a.named["kl"] > 0
+    assert all(abs(a.named[k] - b.named[k]) <= 1e-5 * abs(a.named[k]) for k in a.named), (a.named, b.named)
+
+
 # ---------------------------------------------------------------- one-line refusals, before any weights load
 
 @pytest.fixture
