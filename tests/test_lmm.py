@@ -9,8 +9,11 @@ Checked: the language model's blocks are the prunable set (vision tower and proj
 default, pruned to ``model.vision_tower_sparsity`` when asked); calibration prompts carry their
 images through every pass; a text-only source is accepted and said; the reloaded model is the
 pruned one (its reconstruction error on the same image prompts is the report's); an exported
-trial re-applies to its own value; an architecture whose blocks cannot be found is one line,
-before any weights load.
+trial re-applies to its own value; a study's workers prune the vision tower once and stream image
+prompts block by block to the in-memory values; a hub dataset's image column is found; an
+architecture whose blocks cannot be found, and an image source's mistakes (seq_len shorter than
+the image, a metadata row without its image, images without metadata), are one line before any
+weights load.
 """
 
 from __future__ import annotations
@@ -139,6 +142,29 @@ def test_image_prompts_carry_their_images_through_a_forward(llava_dir, image_dir
     assert not torch.allclose(final_hidden(lm.model, ids), final_hidden(lm.model, plain))
 
 
+def test_a_hub_dataset_with_an_image_column_gives_image_pairs(image_dir, monkeypatch):
+    """The hub path (online only) picks the image column and the text_field column; offline, the
+    hub is stood in for by the same pairs under another column name."""
+    import datasets
+
+    from prunesearch.data import image_prompts
+    from prunesearch.errors import UserError
+
+    local = datasets.load_dataset("imagefolder", data_dir=image_dir, split="train").rename_column("text", "caption")
+
+    class Hub:
+        @staticmethod
+        def load_dataset(name, config=None, split=None, **_):
+            assert (name, config, split) == ("someone/captions", None, "train")
+            return local
+
+    monkeypatch.setattr(image_prompts, "_datasets", lambda: Hub)
+    pairs = image_prompts.image_pairs("someone/captions", "caption")
+    assert pairs.column_names == ["image", "text"] and len(pairs) == 2 * len(CAPTIONS)
+    with pytest.raises(UserError, match="no column 'text' beside its images"):
+        image_prompts.image_pairs("someone/captions")
+
+
 # ---------------------------------------------------------------- through the CLI
 
 def test_prune_with_images_saves_what_the_auto_classes_reload(llava_dir, image_dir, tmp_path, capsys):
@@ -265,7 +291,20 @@ def test_an_architecture_without_decoder_blocks_is_refused_in_one_line(tmp_path,
     assert code == 2 and len(err.strip().splitlines()) == 1 and "unsupported architecture 'bert'" in err
 
 
-def test_an_image_prompt_longer_than_seq_len_is_one_line(llava_dir, image_dir, capsys, no_weight_loads):
-    code, _, err = run_cli(["prune", "--model", llava_dir, "--calibration", image_dir, "--calibration-samples", "4",
-                            "--seq-len", "16", "--eval", "none", "--quiet"], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot hold an image prompt" in err
+@pytest.mark.parametrize("mistake", ["seq_len", "missing image", "no metadata"])
+def test_an_image_source_mistake_is_one_line(mistake, llava_dir, image_dir, tmp_path, capsys, no_weight_loads):
+    import shutil
+
+    folder, seq_len = tmp_path / "images", "32"
+    shutil.copytree(image_dir, folder)
+    if mistake == "seq_len":
+        seq_len = "16"  # the image alone takes 16 tokens
+    elif mistake == "missing image":
+        (folder / "rocket.png").unlink()  # the imagefolder builder would drop its rows without a word
+    else:
+        (folder / "metadata.jsonl").unlink()
+    code, _, err = run_cli(["prune", "--model", llava_dir, "--calibration", str(folder), "--calibration-samples", "4",
+                            "--seq-len", seq_len, "--eval", "none", "--quiet"], capsys)
+    expected = {"seq_len": "cannot hold an image prompt", "missing image": "names file_name 'rocket.png', which is not",
+                "no metadata": "holds images but no metadata.jsonl"}[mistake]
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from prunesearch.cache import cache_dir
-from prunesearch.data.corpora import BUILTIN_CORPORA, _datasets, _looks_like_path
+from prunesearch.data.corpora import BUILTIN_CORPORA, FILE_BUILDERS, _datasets, _looks_like_path
 from prunesearch.data.sequences import in_evaluation
 from prunesearch.errors import UserError
 from prunesearch.models.images import register_image
@@ -37,6 +37,30 @@ def is_imagefolder(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in METADATA)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _check_metadata(path: Path) -> None:
+    """Every row of the folder's metadata names an image that is there: the imagefolder builder
+    silently drops a row whose file is missing, and a calibration set one image short is a
+    mistake the user should hear of."""
+    import csv
+    import json
+
+    meta = next(path / name for name in METADATA if (path / name).is_file())
+    try:
+        if meta.suffix == ".jsonl":
+            rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+        else:
+            rows = list(csv.DictReader(meta.read_text().splitlines()))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{meta} cannot be read ({' '.join(str(exc).split())[:120]})") from None
+    for n, row in enumerate(rows, 1):
+        name = row.get("file_name") if isinstance(row, dict) else None
+        if not name or not (path / name).is_file():
+            raise UserError(f"{meta} row {n} names file_name {name!r}, which is not an image in {path}")
+
+
 def image_pairs(source: str, text_field: str = "text") -> datasets.Dataset | None:
     """The source's (image, text) pairs as a Dataset with columns ``image`` and ``text``, or None
     when the source holds no images (a built-in corpus, a text file, a hub dataset without an
@@ -46,7 +70,12 @@ def image_pairs(source: str, text_field: str = "text") -> datasets.Dataset | Non
         return None
     if path.exists():
         if not is_imagefolder(path):
+            files = [p.suffix.lower() for p in path.iterdir()] if path.is_dir() else []
+            if any(f in IMAGE_SUFFIXES for f in files) and not any(f in FILE_BUILDERS for f in files):
+                raise UserError(f"{path} holds images but no metadata.jsonl: give each image its text in rows "
+                                f'{{"file_name": "NAME.png", "text": "..."}} (the datasets imagefolder layout)')
             return None
+        _check_metadata(path)
         try:
             ds = _datasets().load_dataset("imagefolder", data_dir=str(path), split="train",
                                           cache_dir=str(cache_dir("datasets")))
