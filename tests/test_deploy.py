@@ -31,7 +31,8 @@ def task_dir(tmp_path_factory) -> Path:
     first (the true next sentence, or the second sentence of three other documents)."""
     from prunesearch.data.corpora import load_corpus
 
-    docs = [[s.strip() + "." for s in d.split(". ") if len(s.split()) >= 6] for d in load_corpus("lee")["text"]]
+    # short sentences (their first 10 words) keep the 128 scored continuations cheap on two CPU cores
+    docs = [[" ".join(s.split()[:10]) for s in d.split(". ") if len(s.split()) >= 6] for d in load_corpus("lee")["text"]]
     docs = [d for d in docs if len(d) >= 2][:40]
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("lm-eval-tasks")
@@ -127,15 +128,14 @@ def test_prune_saves_compressed_tensors_formats_that_hold_our_weights(tmp_path, 
     assert code == 0, err
     assert "compressed-tensors sparse-24-bitmask" in " ".join(out.split())
     stored = _weights(dir24)
-    w = decompressed_state_dict(dir24)["model.layers.1.mlp.down_proj.weight"]
+    w = decompressed_state_dict(dir24)["model.layers.1.mlp.down_proj.weight"]  # 2:4 along each row's inputs
     assert stored["model.layers.1.mlp.down_proj.compressed"].shape == (w.shape[0], w.shape[1] // 2)
     assert ((w != 0).reshape(-1, 4).sum(-1) <= 2).all()
     report = json.loads((dir24 / "prune_report.json").read_text())
-    for layer in report["layers"]:
-        got = decompressed_state_dict(dir24)[layer["name"] + ".weight"] if layer["block"] == 0 else None
-        if got is not None:
-            assert (got == 0).float().mean().item() == pytest.approx(layer["achieved"], abs=1e-6)
-    _legacy_check(dir24, decompressed_state_dict(dir24), tmp_path)
+    back = decompressed_state_dict(dir24)
+    for layer in report["layers"]:  # every layer's zeros as the report counted them
+        assert (back[layer["name"] + ".weight"] == 0).float().mean().item() == pytest.approx(layer["achieved"], abs=1e-6)
+    _legacy_check(dir24, back, tmp_path)
 
 
 def test_format_and_lm_eval_mistakes_are_one_line(task_dir, tmp_path, capsys):
@@ -153,10 +153,12 @@ def test_format_and_lm_eval_mistakes_are_one_line(task_dir, tmp_path, capsys):
 
 
 def test_prune_reports_lm_eval_accuracy_dense_and_pruned(task_dir, tmp_path, capsys):
-    code, out, err = run_cli(["prune", "--sparsity", "0.7", "--lm-eval", TASK, "--lm-eval-dir", str(task_dir), *FAST],
-                             capsys)
+    code, out, err = run_cli(["prune", "--sparsity", "0.7", "--lm-eval", TASK, "--lm-eval-dir", str(task_dir),
+                              "--lm-eval-limit", "12", *FAST], capsys)
     assert code == 0, err
-    assert f"lm_eval {TASK} accuracy" in out
+    row = next(line for line in out.splitlines() if f"lm_eval {TASK} accuracy" in line)
+    dense, pruned = (float(x) for x in row.replace("│", " ").split()[-2:])
+    assert all(0 <= acc <= 1 and abs(acc * 12 - round(acc * 12)) < 0.01 for acc in (dense, pruned))  # of 12 documents
     assert "Running loglikelihood" not in out + err  # the harness's own bars stay quiet
 
 
@@ -164,7 +166,7 @@ def test_prune_reports_lm_eval_accuracy_dense_and_pruned(task_dir, tmp_path, cap
 def lm_eval_study(ray_session, task_dir, tmp_path_factory):
     """A 3-trial study that maximises the next-sentence accuracy, launched as a user does."""
     tmp = tmp_path_factory.mktemp("lm-eval-study")
-    cfg = study_config(tmp, trials=3, objectives=[f"lm_eval:{TASK}"], lm_eval={"tasks_dir": str(task_dir), "limit": 16})
+    cfg = study_config(tmp, trials=3, objectives=[f"lm_eval:{TASK}"], lm_eval={"tasks_dir": str(task_dir), "limit": 12})
     from conftest import launch_quietly
 
     launch_quietly(write_config(tmp, cfg))
@@ -176,14 +178,14 @@ def test_study_maximises_lm_eval_accuracy_and_export_reproduces_it(lm_eval_study
     study = load(cfg)
     assert [d.name for d in study.directions] == ["MAXIMIZE"]
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(complete) == 3 and all(0.0 <= t.value <= 1.0 and (t.value * 16).is_integer() for t in complete)
+    assert len(complete) == 3 and all(0.0 <= t.value <= 1.0 and (t.value * 12).is_integer() for t in complete)
 
     out_dir = tmp / "best-ct"
     code, out, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(tmp / "best.yaml"),
                               "--apply", str(out_dir), "--format", "compressed-tensors", "--quiet"], capsys)
     assert code == 0, err
     exported = yaml.safe_load((tmp / "best.yaml").read_text())
-    assert exported["lm_eval"]["tasks"] == [TASK] and exported["lm_eval"]["limit"] == 16
+    assert exported["lm_eval"]["tasks"] == [TASK] and exported["lm_eval"]["limit"] == 12
     report = json.loads((out_dir / "prune_report.json").read_text())
     assert report["lm_eval"]["tasks"][TASK]["pruned"] == pytest.approx(study.best_value, abs=1e-9)  # the trial's value
     assert report["saved"]["sparse_format"] == "sparse-bitmask"
