@@ -528,3 +528,20 @@ def delete(
         typer.confirm(f"delete study '{study}' and its {n} trials?", abort=True)
     n = delete_study(study, storage)
     Console().print(f"deleted study {study} ({n} trials)", highlight=False)
+
+
+@app.command()
+def decompress(
+    directory: Path = typer.Argument(..., help="A model directory saved with --format compressed-tensors."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write it as a plain Hugging Face directory."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Turn a --format compressed-tensors directory back into plain dense safetensors, which
+    transformers loads (5.x no longer decompresses sparse formats: it would initialize the pruned
+    weights at random)."""
+    from prunesearch.models.compressed import decompress_directory
+    from prunesearch.preflight import check_output
+
+    check_output(out, "dir", overwrite, "--out")
+    size = decompress_directory(directory, out)
+    Console().print(f"{directory} -> {out} (dense, {size / 1e6:,.1f} MB of weights)", highlight=False)

@@ -119,6 +119,14 @@ def test_prune_saves_compressed_tensors_formats_that_hold_our_weights(tmp_path, 
     model = load_compressed(bitmask_dir)  # through transformers: its config, these weights
     state = model.state_dict()
     assert all(torch.equal(state[k], ours[k]) for k in ours)
+    code, out, err = run_cli(["decompress", str(bitmask_dir), "--out", str(tmp_path / "plain")], capsys)
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict()  # plain transformers, after decompress
+    assert all(torch.equal(plain[k], ours[k]) for k in ours)
+    code, _, err = run_cli(["decompress", str(dense_dir), "--out", str(tmp_path / "again")], capsys)
+    assert code == 2 and "not saved with --format compressed-tensors" in err
     report = json.loads((bitmask_dir / "prune_report.json").read_text())
     assert report["saved"]["bytes"] == _disk(bitmask_dir) < _disk(dense_dir) == report["saved"]["dense_bytes"]
     _legacy_check(bitmask_dir, ours, tmp_path)

@@ -12,8 +12,10 @@ Two formats, as compressed-tensors named and laid them out (the keys, dtypes and
 
 compressed-tensors 0.15 removed its sparse compressors (it keeps the config classes and the bit
 packing, which this module uses), and transformers 5.x requires 0.15 or later, so neither writes
-nor reads these formats any more: this module writes them itself and reads them back
-(``decompressed_state_dict``, ``load_compressed``). ``pip install prunesearch[deploy]`` brings
+nor reads these formats any more (transformers' ``from_pretrained`` on such a directory warns that
+the pruned weights are MISSING and initializes them at random): this module writes them itself
+and reads them back (``decompressed_state_dict``, ``load_compressed``, ``decompress_directory``:
+``prunesearch decompress``). ``pip install prunesearch[deploy]`` brings
 compressed-tensors.
 """
 
@@ -178,18 +180,9 @@ def read_format(path: str | Path) -> str | None:
     return (q.get("sparsity_config") or {}).get("format")
 
 
-def decompressed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a compressed-tensors sparse directory, the pruned weights dense again."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    fmt = read_format(path)
-    if fmt not in PARTS:
-        raise UserError(f"{path}: not a compressed-tensors sparse directory (sparsity format {fmt})")
+def _decompressed(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """One shard's tensors with every compressed weight (all its parts in that shard) dense again."""
     parts = PARTS[fmt]
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in _shards(path):
-        tensors.update(load_file(shard))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     out = {}
     for name, t in tensors.items():
@@ -201,6 +194,57 @@ def decompressed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for prefix, weight_parts in grouped.items():
         out[f"{prefix}.weight"] = decompress_weight(weight_parts, fmt)
     return out
+
+
+def _sparse_format(path: Path) -> str:
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a saved model directory (no config.json)")
+    fmt = read_format(path)
+    if fmt not in PARTS:
+        raise UserError(f"{path}: not saved with --format compressed-tensors (no sparse-bitmask sparsity_config)")
+    return fmt
+
+
+def decompressed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a compressed-tensors sparse directory, the pruned weights dense again."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    fmt = _sparse_format(path)
+    out: dict[str, torch.Tensor] = {}
+    for shard in _shards(path):
+        out.update(_decompressed(load_file(shard), fmt))
+    return out
+
+
+def decompress_directory(src: str | Path, out: Path) -> int:
+    """A compressed-tensors sparse directory as a plain one (dense safetensors, no compression
+    block in config.json; tokenizer and report copied), shard by shard; returns its bytes on disk."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = Path(src)
+    fmt = _sparse_format(src)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    index: dict[str, str] = {}
+    for shard in _shards(src):
+        dense = _decompressed(load_file(shard), fmt)
+        save_file({k: v.contiguous() for k, v in dense.items()}, tmp / shard.name, metadata={"format": "pt"})
+        index.update({k: shard.name for k in dense})
+    if (index_file := src / "model.safetensors.index.json").exists():
+        data = json.loads(index_file.read_text())
+        data["weight_map"] = index
+        (tmp / index_file.name).write_text(json.dumps(data, indent=2))
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return sum(p.stat().st_size for p in _shards(out))
 
 
 def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32):
