@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from conftest import load, run_cli, study_config, write_config
 
-FAST = ["--max-layers", "2", "--calibration", "lee", "--calibration-samples", "8", "--seq-len", "32", "--eval", "none",
-        "--mode", "one_shot", "--quiet"]
+FAST = ["--calibration", "lee", "--calibration-samples", "8", "--seq-len", "32", "--eval", "none", "--mode", "one_shot",
+        "--quiet"]
 TASK = "ps_next_sentence"
 
 
@@ -97,14 +97,15 @@ def _legacy_check(directory: Path, reference: dict[str, torch.Tensor], tmp: Path
     assert run.returncode == 0 and "legacy ok" in run.stdout, run.stderr[-2000:]
 
 
-def test_prune_saves_compressed_tensors_formats_that_hold_our_weights(tmp_path, capsys):
+def test_prune_saves_compressed_tensors_formats_that_hold_our_weights(tiny_dirs, tmp_path, capsys):
     from prunesearch.models.compressed import decompressed_state_dict, load_compressed
 
     dense_dir, bitmask_dir, dir24 = tmp_path / "dense", tmp_path / "bitmask", tmp_path / "two-four"
-    code, _, err = run_cli(["prune", "--sparsity", "0.6", "--out", str(dense_dir), *FAST], capsys)
+    tiny = ["--model", tiny_dirs["llama"], *FAST]  # 3 blocks, hidden 64: the format, not the model, is tested
+    code, _, err = run_cli(["prune", "--sparsity", "0.6", "--out", str(dense_dir), *tiny], capsys)
     assert code == 0, err
     code, out, err = run_cli(["prune", "--sparsity", "0.6", "--out", str(bitmask_dir), "--format", "compressed-tensors",
-                              *FAST], capsys)
+                              *tiny], capsys)
     assert code == 0, err
     line = " ".join(out.split())
     assert "format: compressed-tensors sparse-bitmask" in line and "MB dense" in line
@@ -112,7 +113,7 @@ def test_prune_saves_compressed_tensors_formats_that_hold_our_weights(tmp_path, 
     ours = _weights(dense_dir)  # the plain save of the same (deterministic) pruning
     q = json.loads((bitmask_dir / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "compressed-tensors" and q["sparsity_config"]["format"] == "sparse-bitmask"
-    assert len(q["sparsity_config"]["targets"]) == 14  # 2 blocks x 7 linears
+    assert len(q["sparsity_config"]["targets"]) == 21  # 3 blocks x 7 linears
     assert q["sparsity_config"]["global_sparsity"] == pytest.approx(0.6, abs=1e-4)
     back = decompressed_state_dict(bitmask_dir)
     assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
@@ -132,7 +133,7 @@ def test_prune_saves_compressed_tensors_formats_that_hold_our_weights(tmp_path, 
     _legacy_check(bitmask_dir, ours, tmp_path)
 
     code, out, err = run_cli(["prune", "--structure", "2:4", "--out", str(dir24), "--format", "compressed-tensors",
-                              *FAST], capsys)
+                              *tiny], capsys)
     assert code == 0, err
     assert "compressed-tensors sparse-24-bitmask" in " ".join(out.split())
     stored = _weights(dir24)
@@ -146,13 +147,13 @@ def test_prune_saves_compressed_tensors_formats_that_hold_our_weights(tmp_path, 
     _legacy_check(dir24, back, tmp_path)
 
 
-def test_format_and_lm_eval_mistakes_are_one_line(task_dir, tmp_path, capsys):
+def test_format_and_lm_eval_mistakes_are_one_line(task_dir, tiny_dirs, tmp_path, capsys):
     for args, message in [
         (["--format", "gguf"], "--format gguf: unknown"),
         (["--lm-eval", "no_such_task", "--lm-eval-dir", str(task_dir)], f"not found in {task_dir}"),
         (["--lm-eval", TASK, "--lm-eval-dir", str(tmp_path / "nowhere")], "lm_eval.tasks_dir"),
     ]:
-        code, _, err = run_cli(["prune", *FAST, *args], capsys)
+        code, _, err = run_cli(["prune", "--model", tiny_dirs["llama"], *FAST, *args], capsys)
         assert code == 2 and message in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1
     cfg = study_config(tmp_path, objectives=["lm_eval:"])
@@ -162,7 +163,7 @@ def test_format_and_lm_eval_mistakes_are_one_line(task_dir, tmp_path, capsys):
 
 def test_prune_reports_lm_eval_accuracy_dense_and_pruned(task_dir, tmp_path, capsys):
     code, out, err = run_cli(["prune", "--sparsity", "0.7", "--lm-eval", TASK, "--lm-eval-dir", str(task_dir),
-                              "--lm-eval-limit", "12", *FAST], capsys)
+                              "--lm-eval-limit", "12", "--max-layers", "2", *FAST], capsys)
     assert code == 0, err
     row = next(line for line in out.splitlines() if f"lm_eval {TASK} accuracy" in line)
     dense, pruned = (float(x) for x in row.replace("│", " ").split()[-2:])
