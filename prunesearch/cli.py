@@ -356,6 +356,8 @@ def _print_study(st, limit: int, out: Console) -> None:
         out.print(f"study {st.study_name}: no trials yet (`prunesearch resume --study {st.study_name}` runs it)", highlight=False)
         return
     out.print(f"study {st.study_name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v), highlight=False)
+    if (unrouted := st.user_attrs.get(attrs.UNROUTED_EXPERTS) or {}).get("count"):
+        out.print(f"experts no calibration token reached (pruned by magnitude in every trial): {unrouted['count']}", highlight=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         out.print("no complete trial yet: nothing to rank", highlight=False)

@@ -18,16 +18,11 @@ from prunesearch.objectives.lm import perplexity
 from prunesearch.objectives.reconstruction import DenseReference, reconstruction_error
 from prunesearch.pruning.engine import collect_stats, dense_stats_extras, prune_model
 from prunesearch.pruning.layer_removal import remove_blocks
+from prunesearch.pruning.stats import unrouted_experts
 from prunesearch.pruning.vision import prune_vision_tower
 from prunesearch.workers import dense_cache
 
 REPORT_NAME = "prune_report.json"
-
-
-def _unrouted_experts(names: list[str]) -> dict:
-    """Experts no calibration token reached (scored by magnitude): how many, and their layers."""
-    experts = {(module, index) for module, _param, index in (n.rsplit(".", 2) for n in names)}
-    return {"count": len(experts), "layers": names}
 
 
 def _task_accuracy(model, tokenizer, cfg: PruneConfig) -> dict[str, float] | None:
@@ -140,7 +135,7 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         "stats_source": result.stats_source,
         "prunable_set": audit_blocks(model)[1].describe(),  # what the sparsity is counted over
         "vision_tower": vision,  # an LMM's vision tower when model.vision_tower_sparsity pruned it, else None
-        "unrouted_experts": _unrouted_experts(result.unrouted),
+        "unrouted_experts": unrouted_experts(result.unrouted),
         "calibration": {**cfg.calibration.model_dump(), "tokens": int(calib.numel()), "selection": selection,
                         "modality": calibration_modality(lm.processor, cfg.calibration)},  # None: a text model
         "evaluation": None if held_out is None else {**cfg.evaluation.model_dump(), "tokens": int(held_out.numel())},

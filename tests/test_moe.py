@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, run_cli, study_config, write_config
+from conftest import TINY, load, run_cli, study_config, write_config
 
 H, LAYERS, EXPERTS = 64, 2, 4
 SMALL = ["--calibration", "lee", "--calibration-samples", "8", "--seq-len", "32", "--eval", "lee",
@@ -44,12 +44,22 @@ def build_moe(family: str, top_k: int = 2) -> nn.Module:
     raise ValueError(family)
 
 
+def starve_experts(model: nn.Module) -> nn.Module:
+    """Router rows (v, -v, 0, 0): with top-1 routing experts 2 and 3 never win a token."""
+    for layer in model.model.layers:
+        w = layer.mlp.gate.weight.data
+        w[1] = -w[0]
+        w[2:] = 0
+    return model
+
+
 @pytest.fixture(scope="module")
 def moe_dirs(tmp_path_factory, tokenizer) -> dict[str, str]:
     out = {}
-    for family in ("mixtral", "qwen2_moe"):
+    for family in ("mixtral", "qwen2_moe", "mixtral_starved"):
         path = tmp_path_factory.mktemp(f"tiny-{family}")
-        build_moe(family).save_pretrained(path)
+        model = build_moe(family) if family != "mixtral_starved" else starve_experts(build_moe("mixtral", top_k=1))
+        model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         out[family] = str(path)
     return out
@@ -122,11 +132,7 @@ def test_an_expert_no_token_reaches_is_pruned_by_magnitude_and_counted():
     from prunesearch.models.families import prunable_linears
     from prunesearch.pruning.engine import PruneSpec, prune_model
 
-    model = build_moe("mixtral", top_k=1)
-    for layer in model.model.layers:
-        w = layer.mlp.gate.weight.data
-        w[1] = -w[0]
-        w[2:] = 0
+    model = starve_experts(build_moe("mixtral", top_k=1))
     expert = model.model.layers[0].mlp.experts.down_proj[3]
     magnitude_mask = torch.zeros_like(expert, dtype=torch.bool)
     k = expert.shape[1] // 2
@@ -198,6 +204,20 @@ def test_launch_export_apply_and_reload(family, moe_dirs, tmp_path, capsys, ray_
     assert code == 0, err
     report = _check_pruned(moe_dirs[family], applied, 0.6)
     assert report["achieved_sparsity"] == pytest.approx(0.6, abs=1e-5)
+    assert load(cfg).user_attrs["unrouted_experts"]["count"] == 0
+
+
+def test_a_study_counts_the_experts_no_calibration_token_reaches(moe_dirs, tmp_path, capsys, ray_session):
+    cfg = study_config(tmp_path, trials=2, model={"name": moe_dirs["mixtral_starved"], "max_layers": None},
+                       evaluation={"samples": 2, "seq_len": 32}, search={"n_startup_trials": 2, "pruner": "none"})
+    code, out, err = run_cli(["launch", str(write_config(tmp_path, cfg))], capsys)
+    assert code == 0, err
+    said = "experts no calibration token reached (pruned by magnitude in every trial): 4"  # 2 experts x 2 blocks
+    assert said in err  # with the start-up lines
+    unrouted = load(cfg).user_attrs["unrouted_experts"]
+    assert unrouted["count"] == 4 and all(n.rsplit(".", 1)[1] in {"2", "3"} for n in unrouted["layers"])
+    code, out, err = run_cli(["status", "--study", "t", "--storage", cfg["storage"]], capsys)
+    assert code == 0 and said in out
 
 
 def test_streamed_blocks_give_the_in_memory_values_on_a_moe_model(moe_dirs, tmp_path, monkeypatch):

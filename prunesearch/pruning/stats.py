@@ -144,6 +144,13 @@ def unreached(stats: ColumnStats | None) -> bool:
     return stats is not None and stats.n_tokens == 0
 
 
+def unrouted_experts(names: list[str]) -> dict:
+    """Experts no calibration token reached (scored by magnitude), from their layers' names
+    (``...experts.<param>.<index>``): how many experts, and the layers."""
+    experts = {(module, index) for module, _param, index in (n.rsplit(".", 2) for n in names)}
+    return {"count": len(experts), "layers": sorted(names)}
+
+
 def _gated(module, gate_up: torch.Tensor) -> torch.Tensor:
     """act(gate) * up: the intermediate an Experts module without ``_apply_gate`` feeds down_proj."""
     gate, up = gate_up.chunk(2, dim=-1)

@@ -33,6 +33,7 @@ class EvaluatorActor:
         ev = self.evaluator
         return {"pid": os.getpid(), "worker": self.worker, "startup_s": ev.startup_s, "device": str(ev.device), "layout": ev.layout.to_dict(),
                 "stages": ev.stages, "dense_cached": ev.dense_cached, "memory": ev.memory, "memory_line": ev.memory_line(),
+                "unrouted_experts": ev.unrouted_experts(),
                 "block_class": type(decoder_blocks(ev.model)[0]).__name__, "linear_names": [u[0].unit for u in linear_units(ev.linears)]}  # a fused expert tensor: one
 
     def dense_side(self) -> dict:

@@ -47,6 +47,7 @@ OBJECTIVE_NAMES = "objectives"  # in the order of the trials' values
 MODEL_INFO = "model_info"  # block class, linear names and layout, for the export
 BASELINES_ENQUEUED = "baselines_enqueued"
 SEEDS = "seeds"  # NSGA-III: the baselines as (name, gene vector)
+UNROUTED_EXPERTS = "unrouted_experts"  # MoE experts no calibration token reached: scored by magnitude
 WORKER_MEMORY = "worker_memory"  # worker -> where it keeps the model and what it holds, in bytes (the last start-up's)
 
 

@@ -228,6 +228,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, say=None) -> RunSummar
         pool = EvaluatorPool(cfg, cfg.storage, name)
         say(_ready_line(pool.info, time.perf_counter() - t))
         _record_memory(study, pool.info, say)
+        _record_unrouted(study, pool.info[0], say)
         dispatcher = Dispatcher(study, pool, cfg.search.heartbeat_s)
         layout = ModelLayout.from_dict(pool.layout)
         space = make_study_space(cfg, layout)
@@ -265,6 +266,17 @@ def _record_memory(study: optuna.Study, info: list[dict], say) -> None:
         known = dict(study.user_attrs.get(attrs.WORKER_MEMORY) or {})
         known.update({i["worker"]: i["memory"] for i in info if i.get("memory")})
         study.set_user_attr(attrs.WORKER_MEMORY, known)
+
+
+def _record_unrouted(study: optuna.Study, info: dict, say) -> None:
+    """Count the MoE experts that no calibration token reached (every trial prunes them by
+    magnitude, not by the study's metric): said at start-up and kept on the study."""
+    unrouted = info.get("unrouted_experts")
+    if unrouted is None:
+        return
+    if unrouted["count"]:
+        say(f"experts no calibration token reached (pruned by magnitude in every trial): {unrouted['count']}")
+    study.set_user_attr(attrs.UNROUTED_EXPERTS, unrouted)
 
 
 def _ready_line(info: list[dict], seconds: float) -> str:

@@ -37,7 +37,7 @@ from prunesearch.pruning.engine import collect_stats, resolve_group
 from prunesearch.pruning.fastmask import FastMasker
 from prunesearch.pruning.layer_removal import remove_blocks
 from prunesearch.pruning.masks import parse_structure
-from prunesearch.pruning.stats import ColumnStats
+from prunesearch.pruning.stats import ColumnStats, unreached, unrouted_experts
 from prunesearch.pruning.vision import prune_vision_tower
 from prunesearch.spaces import Candidate, ModelLayout, linear_units, unit_of
 from prunesearch.workers.dense_cache import (from_blob, load_dense, model_fingerprint, model_parts, save_dense, side_key,
@@ -135,6 +135,12 @@ class Evaluator:
         kl = self.ref.kl_cache.nbytes if self.ref.kl_cache is not None else 0
         held = placement.holdings(self.plan, self.plan.sizes, cache, kl)
         return placement.as_record(self.plan, held)
+
+    def unrouted_experts(self) -> dict | None:
+        """MoE experts no calibration token reached: every trial scores them by magnitude (None: no experts)."""
+        if not any(l.expert is not None for l in self.linears):
+            return None
+        return unrouted_experts([l.name for l in self.linears if l.expert is not None and unreached(self.dense_stats.get(l.name))])
 
     def memory_line(self) -> str:
         """What this worker holds, for the start-up lines."""
