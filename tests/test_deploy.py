@@ -172,10 +172,12 @@ def test_prune_reports_lm_eval_accuracy_dense_and_pruned(task_dir, tmp_path, cap
 
 
 @pytest.fixture(scope="module")
-def lm_eval_study(ray_session, task_dir, tmp_path_factory):
-    """A 3-trial study that maximises the next-sentence accuracy, launched as a user does."""
+def lm_eval_study(ray_session, task_dir, tiny_dirs, tmp_path_factory):
+    """A 3-trial study that maximises the next-sentence accuracy, launched as a user does (two
+    blocks of the tiny llama: the plumbing is tested, not the model)."""
     tmp = tmp_path_factory.mktemp("lm-eval-study")
-    cfg = study_config(tmp, trials=3, objectives=[f"lm_eval:{TASK}"], lm_eval={"tasks_dir": str(task_dir), "limit": 12})
+    cfg = study_config(tmp, trials=3, objectives=[f"lm_eval:{TASK}"], lm_eval={"tasks_dir": str(task_dir), "limit": 12},
+                       model={"name": tiny_dirs["llama"]})
     from conftest import launch_quietly
 
     launch_quietly(write_config(tmp, cfg))
