@@ -161,6 +161,18 @@ def test_format_and_lm_eval_mistakes_are_one_line(task_dir, tiny_dirs, tmp_path,
     assert code == 2 and "name the tasks" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_missing_extra_is_one_line_naming_it(tiny_dirs, task_dir, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # import fails, as when not installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    for args, extra in [(["--format", "compressed-tensors"], "prunesearch[deploy]"),
+                        (["--lm-eval", TASK, "--lm-eval-dir", str(task_dir)], "prunesearch[eval]")]:
+        code, _, err = run_cli(["prune", "--model", tiny_dirs["llama"], *FAST, *args], capsys)
+        assert code == 2 and extra in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_prune_reports_lm_eval_accuracy_dense_and_pruned(task_dir, tmp_path, capsys):
     code, out, err = run_cli(["prune", "--sparsity", "0.7", "--lm-eval", TASK, "--lm-eval-dir", str(task_dir),
                               "--lm-eval-limit", "12", "--max-layers", "2", *FAST], capsys)
