@@ -117,10 +117,6 @@ class SavedSize:
     bytes: int  # the safetensors files as written
     dense_bytes: int  # the same files before compression (what the plain HF save writes)
 
-    def line(self) -> str:
-        return (f"{self.fmt}: {self.bytes / 1e6:,.1f} MB of weights on disk against {self.dense_bytes / 1e6:,.1f} MB "
-                f"dense ({self.bytes / self.dense_bytes:.0%})")
-
 
 def _shards(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
