@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from prunesearch.errors import UserError
 from prunesearch.objectives import downstream
-from prunesearch.objectives.registry import objective
+from prunesearch.objectives.registry import OBJECTIVES, objective
 from prunesearch.pruning.allocations import ALLOCATIONS
 from prunesearch.pruning.engine import PruneSpec, check_spec
 from prunesearch.pruning.metrics import METRICS
@@ -427,6 +427,9 @@ class StudyConfig(Strict):
     @classmethod
     def _known_objectives(cls, v: list[str]) -> list[str]:
         for name in v:
+            if ":" not in name and any(downstream.is_lm_eval(n) for n in v) and name not in OBJECTIVES.names():
+                raise ValueError(f"unknown objective '{name}': in a YAML list, [lm_eval:a,b] is split at the comma "
+                                 f"into two entries; quote it: [\"lm_eval:a,b\"]")
             _as_value_error(lambda: objective(name))
         if len(set(v)) != len(v):
             raise ValueError("an objective is listed twice")
