@@ -221,7 +221,7 @@ def test_study_maximises_lm_eval_accuracy_and_export_reproduces_it(lm_eval_study
     assert "recipe: keeps the masks" in text and "does not re-derive them" in text
 
 
-def test_llmcompressor_oneshot_keeps_the_exported_masks(lm_eval_study, tmp_path):
+def test_llmcompressor_oneshot_keeps_the_exported_masks(lm_eval_study, tmp_path, capsys):
     """llm-compressor 0.14 pins transformers<=5.17, datasets<=5.0.1 and compressed-tensors==0.19.0,
     so it is not installed beside this stack; LLMCOMPRESSOR_SITE (a `pip install --no-deps --target`
     copy) runs it anyway: its oneshot with our recipe on the exported model changes no mask."""
@@ -230,12 +230,21 @@ def test_llmcompressor_oneshot_keeps_the_exported_masks(lm_eval_study, tmp_path)
                            capture_output=True)
     if probe.returncode != 0:
         pytest.skip("llm-compressor is not importable (it pins transformers<=5.17): set LLMCOMPRESSOR_SITE")
-    _cfg, tmp = lm_eval_study
+    cfg, tmp = lm_eval_study
+    if not (tmp / "best-ct").exists():  # run alone: export as the test above does
+        code, _, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(tmp / "best.yaml"),
+                                "--apply", str(tmp / "best-ct"), "--format", "compressed-tensors", "--quiet"], capsys)
+        assert code == 0, err
     code = textwrap.dedent(f"""
         import torch
         from llmcompressor import oneshot
         from prunesearch.models.compressed import load_compressed
+        import yaml
+        from llmcompressor.utils.pytorch.module import build_parameterized_layers
         model = load_compressed({str(tmp / 'best-ct')!r})
+        recipe = yaml.safe_load(open({str(tmp / 'best.recipe.yaml')!r}))
+        targets = recipe["sparsity_stage"]["sparsity_modifiers"]["ConstantPruningModifier"]["targets"]
+        assert len(build_parameterized_layers(model, targets)) == 14  # the modifier finds every pruned linear
         before = {{n: p == 0 for n, p in model.named_parameters() if ".layers." in n and p.ndim == 2}}
         oneshot(model=model, recipe={str(tmp / 'best.recipe.yaml')!r})
         after = {{n: p == 0 for n, p in model.named_parameters() if ".layers." in n and p.ndim == 2}}
