@@ -418,6 +418,11 @@ def export(
                                "sparsegpt re-applies its own solve (a note says so)."),
     overwrite: bool = typer.Option(False, help="Replace existing output files / --apply directory."),
     fmt: str = typer.Option("hf", "--format", help="With --apply: " + FORMAT_HELP),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-eval tasks TASK[,TASK] that the exported config "
+                                          "(and --apply's report) measures, dense and pruned; default: the study's "
+                                          "lm_eval objectives' tasks."),
+    lm_eval_dir: Optional[str] = typer.Option(None, "--lm-eval-dir", help="A local directory of lm-eval task YAMLs (offline)."),
+    lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", help="Documents per lm-eval task (default all)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Write the chosen trial as a pruning config that `prunesearch prune --config` applies exactly
@@ -440,7 +445,10 @@ def export(
     trial = pick_trial(st, pick)
     solver, note = resolve_finish(cfg, trial, finish)
     data = prune_config(cfg, trial, solver, st.user_attrs.get(attrs.MODEL_INFO))
-    exported = validate(PruneConfig, data, "exported config")  # never write what prune would refuse
+    lm_flags = _override(data, {"lm_eval.tasks": ("--lm-eval", lm_eval and [t.strip() for t in lm_eval.split(",")]),
+                                "lm_eval.tasks_dir": ("--lm-eval-dir", lm_eval_dir),
+                                "lm_eval.limit": ("--lm-eval-limit", lm_eval_limit)})
+    exported = validate(PruneConfig, data, "exported config", lm_flags)  # never write what prune would refuse
     if apply is not None:
         check_prune(exported, apply, overwrite)  # before anything is written
     names = attrs.objective_names(st, placeholders=False)

@@ -213,6 +213,10 @@ def test_study_maximises_lm_eval_accuracy_and_export_reproduces_it(lm_eval_study
     assert report["lm_eval"]["tasks"][TASK]["pruned"] == pytest.approx(study.best_value, abs=1e-9)  # the trial's value
     assert report["saved"]["sparse_format"] == "sparse-bitmask"
 
+    code, _, err = run_cli(["export", "--study", "t", "--storage", cfg["storage"], "--out", str(tmp / "other.yaml"),
+                            "--lm-eval", TASK, "--lm-eval-limit", "4"], capsys)  # other tasks or settings for the report
+    assert code == 0, err
+    assert yaml.safe_load((tmp / "other.yaml").read_text())["lm_eval"]["limit"] == 4
     recipe = yaml.safe_load((tmp / "best.recipe.yaml").read_text())
     modifiers = recipe["sparsity_stage"]["sparsity_modifiers"]
     assert list(modifiers) == ["ConstantPruningModifier"]
