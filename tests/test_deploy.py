@@ -266,3 +266,15 @@ def test_sparse24_speed_check_says_there_is_no_speedup_on_cpu():
                          cwd=Path(__file__).parents[1], timeout=120)
     assert run.returncode == 0, run.stderr
     assert "no speed-up on CPU" in run.stdout
+
+
+def test_an_lm_eval_study_on_a_worker_that_must_stream_is_refused_at_start_up(task_dir, tmp_path, capsys):
+    """With 1 GiB to plan with, the bundled model's blocks must stream (workers.offload: auto),
+    and lm-eval runs the whole model: one line at start-up, before any trial."""
+    cfg = study_config(tmp_path, trials=2, objectives=[f"lm_eval:{TASK}"], lm_eval={"tasks_dir": str(task_dir), "limit": 4},
+                       model={"max_layers": None}, workers={"count": 1, "num_cpus": 1, "memory_gb": 1.0},
+                       calibration={"samples": 4, "seq_len": 16, "batch_size": 4})
+    code, _, err = run_cli(["launch", str(write_config(tmp_path, cfg)), "--quiet"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "cannot use lm_eval objectives" in errors[0], err
+    assert "Traceback" not in err and not load(cfg).trials

@@ -121,6 +121,7 @@ class Evaluator:
             ("space.remove_layers (a searched removal switches whole models)", c.space.remove_layers),
             ("pruning.remove_layers", c.pruning.remove_layers),
             (f"calibration.select: {c.calibration.select} (it embeds a pool with the whole model)", c.calibration.select != "none"),
+            ("lm_eval objectives (lm-eval runs the whole model)", any(o.startswith("lm_eval:") for o in c.objectives)),
         ) if bad]
         if refused:
             raise UserError(f"with the model's blocks streamed ({plan.reason}) this study cannot use {refused[0]}: "
