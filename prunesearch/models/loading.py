@@ -310,8 +310,9 @@ def load_model(
     dev = resolve_device(device)
     trust = trust_remote_code and spec != DEFAULT_MODEL
     kind, source = located = locate(spec)
-    auto_cls = auto_model_class(_auto_from(AutoConfig, spec, trust, "config", located))
-    model = _auto_from(auto_cls, spec, trust, "weights", located, dtype=torch_dtype)
+    config = _auto_from(AutoConfig, spec, trust, "config", located)
+    # the config read once: given to from_pretrained, a GGUF's metadata is not parsed again (5-6 s for SmolLM2's vocabulary)
+    model = _auto_from(auto_model_class(config), spec, trust, "weights", located, config=config, dtype=torch_dtype)
     processor = tokenizer = None
     if is_image_text(model.config):
         processor = load_processor(spec, trust, located)
