@@ -202,6 +202,24 @@ def study_config(tmp_path: Path, trials: int = 6, **overrides) -> dict:
     return cfg
 
 
+def evaluator(cfg: dict, offload: str, cache: Path | None = None, monkeypatch=None):
+    """A study's evaluator with ``workers.offload`` = ``offload``; with ``cache``, its own cache
+    folder: it computes its dense side itself."""
+    from prunesearch.workers.evaluator import Evaluator
+
+    if cache is not None:
+        monkeypatch.setenv("PRUNESEARCH_CACHE", str(cache))
+    return Evaluator({**cfg, "workers": {**cfg["workers"], "offload": offload}})
+
+
+def in_memory_and_streamed(cfg: dict, tmp_path: Path, monkeypatch):
+    """Two evaluators of one study, the model held in memory and its blocks streamed, each
+    computing its own dense side (separate cache folders)."""
+    memory, streamed = (evaluator(cfg, o, tmp_path / o, monkeypatch) for o in ("none", "blocks"))
+    assert streamed.plan.streamed and not memory.plan.streamed
+    return memory, streamed
+
+
 def write_config(tmp_path: Path, cfg: dict, name: str = "study.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))

@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli, study_config, write_config
+from conftest import in_memory_and_streamed, run_cli, study_config, write_config
 
 CAPTIONS = {
     "astronaut": ["An astronaut in a white suit poses beside the American flag.",
@@ -251,17 +251,11 @@ def test_a_studys_workers_prune_the_vision_tower_once_and_stream_image_prompts(l
     streamed from host memory give the in-memory values on image prompts."""
     from prunesearch.pruning.vision import vision_linears
     from prunesearch.spaces import Candidate
-    from prunesearch.workers.evaluator import Evaluator
 
     cfg = study_config(tmp_path, model={"name": llava_dir, "max_layers": None, "vision_tower_sparsity": 0.3},
                        calibration={"source": image_dir, "samples": 4, "seq_len": 32, "batch_size": 2},
                        reconstruction_samples=2, objectives=["kl", "frobenius"], search={"pruner": "none"})
-    evaluators = {}
-    for offload in ("none", "blocks"):
-        monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / offload))
-        evaluators[offload] = Evaluator({**cfg, "workers": {**cfg["workers"], "offload": offload}})
-    memory, streamed = evaluators["none"], evaluators["blocks"]
-    assert streamed.plan.streamed and not memory.plan.streamed
+    memory, streamed = in_memory_and_streamed(cfg, tmp_path, monkeypatch)
     vision = vision_linears(memory.model)
     assert memory.vision["pruned"] == round(0.3 * sum(l.numel for l in vision)) == sum(int((l.weight == 0).sum()) for l in vision)
     assert memory.vision["by_magnitude"] == 0  # the calibration images reached every layer

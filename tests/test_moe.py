@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, load, run_cli, study_config, write_config
+from conftest import TINY, in_memory_and_streamed, load, run_cli, study_config, write_config
 
 H, LAYERS, EXPERTS = 64, 2, 4
 SMALL = ["--calibration", "lee", "--calibration-samples", "8", "--seq-len", "32", "--eval", "lee",
@@ -222,16 +222,10 @@ def test_a_study_counts_the_experts_no_calibration_token_reaches(moe_dirs, tmp_p
 
 def test_streamed_blocks_give_the_in_memory_values_on_a_moe_model(moe_dirs, tmp_path, monkeypatch):
     from prunesearch.spaces import Candidate
-    from prunesearch.workers.evaluator import Evaluator
 
     cfg = study_config(tmp_path, model={"name": moe_dirs["qwen2_moe"], "max_layers": None},
                        objectives=["kl", "frobenius"], search={"pruner": "none"})
-    evaluators = {}
-    for offload in ("none", "blocks"):
-        monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / offload))
-        evaluators[offload] = Evaluator({**cfg, "workers": {**cfg["workers"], "offload": offload}})
-    memory, streamed = evaluators["none"], evaluators["blocks"]
-    assert streamed.plan.streamed and not memory.plan.streamed
+    memory, streamed = in_memory_and_streamed(cfg, tmp_path, monkeypatch)
     for name, st in memory.dense_stats.items():
         assert streamed.dense_stats[name].n_tokens == st.n_tokens and torch.allclose(streamed.dense_stats[name].m2, st.m2, rtol=1e-5)
     cand = Candidate(ratios=[0.4, 0.7])

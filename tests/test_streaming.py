@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_cli, study_config, write_config
+from conftest import evaluator, run_cli, study_config, write_config
 from prunesearch.spaces import Candidate
 
 
@@ -21,21 +21,12 @@ def _close(a: float, b: float, rel: float = 1e-5) -> bool:
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
 
 
-def _evaluator(cfg: dict, offload: str, cache=None, monkeypatch=None):
-    """An evaluator; with ``cache``, its own cache folder: it computes its dense side itself."""
-    from prunesearch.workers.evaluator import Evaluator
-
-    if cache is not None:
-        monkeypatch.setenv("PRUNESEARCH_CACHE", str(cache))
-    return Evaluator({**cfg, "workers": {**cfg["workers"], "offload": offload}})
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gpt2"])
 def test_streamed_blocks_give_the_in_memory_values_on_every_family(family, tiny_dirs, tmp_path, monkeypatch):
     cfg = study_config(tmp_path, model={"name": tiny_dirs[family], "max_layers": None},
                        objectives=["kl", "frobenius", "perplexity"], search={"pruner": "none"})
-    memory = _evaluator(cfg, "none", tmp_path / "a", monkeypatch)
-    streamed = _evaluator(cfg, "blocks", tmp_path / "b", monkeypatch)
+    memory = evaluator(cfg, "none", tmp_path / "a", monkeypatch)
+    streamed = evaluator(cfg, "blocks", tmp_path / "b", monkeypatch)
     assert not memory.plan.streamed and streamed.plan.streamed and not streamed.dense_cached
     # the dense side, gathered block by block, is the whole-model one
     assert torch.allclose(streamed.ref.hidden, memory.ref.hidden, rtol=1e-5, atol=1e-6)
@@ -64,8 +55,8 @@ def test_default_model_streamed_staged_and_kv_quantized_equals_in_memory(tmp_pat
     cfg = study_config(tmp_path, model={"max_layers": 6}, objectives=["frobenius", "kl"],
                        calibration={"samples": 4, "seq_len": 24, "batch_size": 2}, reconstruction_samples=4,
                        kv_cache={"bits_choices": [4, 16]}, search={"stages": [2]})
-    memory = _evaluator(cfg, "none")
-    streamed = _evaluator(cfg, "blocks")  # the dense side from the cache memory's filled (or an earlier run's)
+    memory = evaluator(cfg, "none")
+    streamed = evaluator(cfg, "blocks")  # the dense side from the cache memory's filled (or an earlier run's)
     n = memory.layout.n_blocks
     assert n == 6 and streamed.dense_cached
     bits = [4 if i % 3 == 0 else 16 for i in range(n)]
