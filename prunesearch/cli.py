@@ -86,6 +86,9 @@ def prune(
     dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when present), cpu, cuda, cuda:N."),
     max_layers: Optional[int] = typer.Option(None, help="Keep only the first N decoder blocks (quick experiments)."),
+    vision_tower_sparsity: Optional[float] = typer.Option(None, help="Image-text-to-text models (LLaVA): also prune the vision "
+                                                          "tower's linears to this sparsity, outside the decoder's budget "
+                                                          "(default 0: vision tower and projector dense)."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass (default 8)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Save the pruned model here (safetensors, config, tokenizer, prune_report.json)."),
@@ -107,6 +110,7 @@ def prune(
     flags = _override(data, {
         "model.name": ("--model", model), "model.dtype": ("--dtype", dtype), "model.device": ("--device", device),
         "model.max_layers": ("--max-layers", max_layers),
+        "model.vision_tower_sparsity": ("--vision-tower-sparsity", vision_tower_sparsity),
         "model.trust_remote_code": ("--trust-remote-code", trust_remote_code or None),
         "pruning.metric": ("--metric", metric), "pruning.sparsity": ("--sparsity", sparsity),
         "pruning.allocation": ("--allocation", allocation), "pruning.structure": ("--structure", structure),

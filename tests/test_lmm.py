@@ -174,10 +174,11 @@ def test_prune_with_images_saves_what_the_auto_classes_reload(llava_dir, image_d
     from prunesearch.pruning.vision import vision_linears
 
     config = tmp_path / "prune.yaml"
-    config.write_text(yaml.safe_dump({"model": {"name": llava_dir, "device": "cpu", "vision_tower_sparsity": 0.25},
+    config.write_text(yaml.safe_dump({"model": {"name": llava_dir, "device": "cpu"},
                                       "pruning": {"metric": "wanda", "sparsity": 0.5}, "reconstruction_samples": 2}))
     out = tmp_path / "pruned"
-    code, stdout, err = run_cli(["prune", "--config", str(config), *_small(image_dir), "--out", str(out)], capsys)
+    code, stdout, err = run_cli(["prune", "--config", str(config), "--vision-tower-sparsity", "0.25", *_small(image_dir),
+                                 "--out", str(out)], capsys)
     assert code == 0, err
     assert "calibration prompts: image + text" in stdout and "vision tower: 12 linears pruned to 25%" in stdout
     report = json.loads((out / "prune_report.json").read_text())
