@@ -56,11 +56,12 @@ def check_texts(m, calibration, evaluation, model: nn.Module | None = None) -> s
     cut exactly as the job cuts them (tokens cached on disk). For an image-text-to-text
     ``model`` (its meta copy) the images are prepared by its processor too; returns what it
     calibrates on (None for a text model)."""
-    tokenizer = load_tokenizer(m.name, m.trust_remote_code)
     processor = load_processor(m.name, m.trust_remote_code) if model is not None and is_image_text(model.config) else None
-    calibration_pool(tokenizer, calibration, processor)
+    # an LMM's tokenizer is its processor's (what the job uses)
+    tokenizer = getattr(processor, "tokenizer", None) or load_tokenizer(m.name, m.trust_remote_code)
+    pool = calibration_pool(tokenizer, calibration, processor)
     evaluation_texts(tokenizer, evaluation)
-    return calibration_modality(processor, calibration)
+    return calibration_modality(processor, pool)
 
 
 def check_lm_eval_tasks(tasks: list[str], settings) -> None:
@@ -110,7 +111,7 @@ def check_study(cfg) -> Checked:
     _check_removal(n_blocks, p.remove_layers, "pruning.remove_layers")
     if cfg.space.remove_layers:
         _check_removal(n_blocks, max(cfg.space.remove_layers), "the largest space.remove_layers choice")
-    check_lm_eval_tasks([t for n in cfg.objectives if downstream.is_lm_eval(n) for t in downstream.tasks_of(n)], cfg.lm_eval)
+    check_lm_eval_tasks(downstream.tasks_in(cfg.objectives), cfg.lm_eval)
     # the fixed removal's blocks are not known before calibration: every layer must fit the structure
     check_spec(p.spec(), linears)
     layout = ModelLayout.of(linears)

@@ -137,7 +137,7 @@ def run_prune(cfg: PruneConfig, out: str | Path | None = None, *, overwrite: boo
         "vision_tower": vision,  # an LMM's vision tower when model.vision_tower_sparsity pruned it, else None
         "unrouted_experts": unrouted_experts(result.unrouted),
         "calibration": {**cfg.calibration.model_dump(), "tokens": int(calib.numel()), "selection": selection,
-                        "modality": calibration_modality(lm.processor, cfg.calibration)},  # None: a text model
+                        "modality": calibration_modality(lm.processor, calib)},  # None: a text model
         "evaluation": None if held_out is None else {**cfg.evaluation.model_dump(), "tokens": int(held_out.numel())},
         "perplexity": None if held_out is None else {  # None: no evaluation text (--eval none)
             "dense": dense_ppl, "pruned": pruned_ppl, "source": cfg.evaluation.source,

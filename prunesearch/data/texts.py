@@ -11,6 +11,7 @@ from prunesearch.data.image_prompts import TEXT_ONLY_NOTE, image_pairs, image_pr
 from prunesearch.data.select import select_calibration
 from prunesearch.data.sequences import token_sequences
 from prunesearch.errors import UserError
+from prunesearch.models.images import has_images
 
 if TYPE_CHECKING:
     from prunesearch.config import DataConfig
@@ -27,11 +28,12 @@ def load_texts(tokenizer, calibration: DataConfig, evaluation: DataConfig | None
     return (calibration_texts(tokenizer, calibration, model, processor)[0], evaluation_texts(tokenizer, evaluation))
 
 
-def calibration_modality(processor, calibration: DataConfig) -> str | None:
-    """What an image-text-to-text model calibrates on, for the report (None for a text model)."""
+def calibration_modality(processor, calib: torch.Tensor) -> str | None:
+    """What an image-text-to-text model calibrates on, read off its prompts (image prompts carry
+    image markers), for the report; None for a text model."""
     if processor is None:
         return None
-    return "image + text" if image_pairs(calibration.source, calibration.text_field) is not None else TEXT_ONLY_NOTE
+    return "image + text" if has_images(calib) else TEXT_ONLY_NOTE
 
 
 def evaluation_texts(tokenizer, evaluation: DataConfig | None) -> torch.Tensor | None:
