@@ -56,6 +56,12 @@ def _override(data: dict, flags: dict[str, tuple[str, Any]]) -> dict[str, str]:
     return given
 
 
+def _lm_eval_flags(data: dict, tasks: str | None, tasks_dir: str | None, limit: int | None) -> dict[str, str]:
+    """--lm-eval TASK[,TASK], --lm-eval-dir and --lm-eval-limit into ``data``'s lm_eval section."""
+    return _override(data, {"lm_eval.tasks": ("--lm-eval", tasks and [t.strip() for t in tasks.split(",")]),
+                            "lm_eval.tasks_dir": ("--lm-eval-dir", tasks_dir), "lm_eval.limit": ("--lm-eval-limit", limit)})
+
+
 FORMAT_HELP = ("How the pruned model is saved: hf (plain dense safetensors, the default) or compressed-tensors (the "
                "pruned linears as compressed-tensors' sparse bitmask, 2:4 models in its 2:4 layout: smaller on disk; "
                "needs pip install 'prunesearch[deploy]'; read it back with prunesearch.models.compressed.load_compressed).")
@@ -132,8 +138,7 @@ def prune(
         flags |= _override(data, {"evaluation.source": ("--eval", eval_source), "evaluation.samples": ("--eval-samples", eval_samples),
                                   "evaluation.seq_len": ("--eval-seq-len", eval_seq_len),
                                   "evaluation.batch_size": ("--batch-size", batch_size)})
-    flags |= _override(data, {"lm_eval.tasks": ("--lm-eval", lm_eval and [t.strip() for t in lm_eval.split(",")]),
-                              "lm_eval.tasks_dir": ("--lm-eval-dir", lm_eval_dir), "lm_eval.limit": ("--lm-eval-limit", lm_eval_limit)})
+    flags |= _lm_eval_flags(data, lm_eval, lm_eval_dir, lm_eval_limit)
     cfg = validate(PruneConfig, data, str(config) if config else "options", flags)
     from prunesearch.models.compressed import check_format
     from prunesearch.preflight import check_prune
@@ -449,10 +454,7 @@ def export(
     trial = pick_trial(st, pick)
     solver, note = resolve_finish(cfg, trial, finish)
     data = prune_config(cfg, trial, solver, st.user_attrs.get(attrs.MODEL_INFO))
-    lm_flags = _override(data, {"lm_eval.tasks": ("--lm-eval", lm_eval and [t.strip() for t in lm_eval.split(",")]),
-                                "lm_eval.tasks_dir": ("--lm-eval-dir", lm_eval_dir),
-                                "lm_eval.limit": ("--lm-eval-limit", lm_eval_limit)})
-    exported = validate(PruneConfig, data, "exported config", lm_flags)  # never write what prune would refuse
+    exported = validate(PruneConfig, data, "exported config", _lm_eval_flags(data, lm_eval, lm_eval_dir, lm_eval_limit))  # never write what prune would refuse
     if apply is not None:
         check_prune(exported, apply, overwrite)  # before anything is written
     names = attrs.objective_names(st, placeholders=False)

@@ -38,6 +38,11 @@ def tasks_of(name: str) -> list[str]:
     return tasks
 
 
+def tasks_in(objectives: list[str]) -> list[str]:
+    """The lm-eval tasks a study's ``lm_eval:`` objectives name, each once, in order."""
+    return list(dict.fromkeys(t for n in objectives if is_lm_eval(n) for t in tasks_of(n)))
+
+
 def check_library() -> None:
     if importlib.util.find_spec("lm_eval") is None:
         raise UserError(f"lm_eval tasks need the lm-eval-harness library: {INSTALL}")

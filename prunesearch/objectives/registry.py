@@ -99,10 +99,7 @@ def _lm_eval_objective(name: str) -> Objective:
     """``lm_eval:TASK[,TASK]``: the mean accuracy over the tasks, maximised (objectives/downstream.py)."""
     tasks = downstream.tasks_of(name)
 
-    def compute(x: ObjectiveInputs) -> float:
-        if x.hidden is not None:
-            raise UserError(f"{name} runs the whole model through lm-eval: it needs the model in memory "
-                            f"(workers.offload: none), not streamed block by block")
+    def compute(x: ObjectiveInputs) -> float:  # never streamed: Evaluator._place refuses lm_eval with streamed blocks
         s = x.lm_eval
         return downstream.mean_accuracy(downstream.accuracy(x.model, x.tokenizer, tasks, s.tasks_dir, s.limit,
                                                             s.batch_size, s.num_fewshot))

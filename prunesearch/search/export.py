@@ -219,9 +219,8 @@ def prune_config(cfg: StudyConfig, trial: FrozenTrial, finish: str | None = None
         out["pruning"]["remove_blocks"] = list(trial.user_attrs[attrs.REMOVED_BLOCKS])
     if cand.kv_bits:
         out["kv_cache"] = cfg.kv_cache.model_dump(mode="json") | {"bits": cand.kv_bits}
-    tasks = [t for n in cfg.objectives if downstream.is_lm_eval(n) for t in downstream.tasks_of(n)]
-    if tasks:  # the study's downstream tasks: `export --apply` and `prune --config` report their accuracy
-        out["lm_eval"] = cfg.lm_eval.model_dump(mode="json") | {"tasks": list(dict.fromkeys(tasks))}
+    if tasks := downstream.tasks_in(cfg.objectives):  # `export --apply` and `prune --config` report their accuracy
+        out["lm_eval"] = cfg.lm_eval.model_dump(mode="json") | {"tasks": tasks}
     return out
 
 

@@ -29,6 +29,7 @@ from prunesearch.kvcache import kv_context, kv_quant_config
 from prunesearch.models import load_model, prunable_linears
 from prunesearch.models.families import PrunableLinear, linears_by_block
 from prunesearch.models.loading import resolve_device
+from prunesearch.objectives import downstream
 from prunesearch.objectives.reconstruction import DenseReference, kl_top_k
 from prunesearch.objectives.registry import ObjectiveInputs, objective, reconstruction_pass
 from prunesearch.pruning import metrics
@@ -121,7 +122,7 @@ class Evaluator:
             ("space.remove_layers (a searched removal switches whole models)", c.space.remove_layers),
             ("pruning.remove_layers", c.pruning.remove_layers),
             (f"calibration.select: {c.calibration.select} (it embeds a pool with the whole model)", c.calibration.select != "none"),
-            ("lm_eval objectives (lm-eval runs the whole model)", any(o.startswith("lm_eval:") for o in c.objectives)),
+            ("lm_eval objectives (lm-eval runs the whole model)", any(downstream.is_lm_eval(o) for o in c.objectives)),
         ) if bad]
         if refused:
             raise UserError(f"with the model's blocks streamed ({plan.reason}) this study cannot use {refused[0]}: "
