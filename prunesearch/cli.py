@@ -193,7 +193,9 @@ def _print_prune_report(report: dict, out: Path | None) -> None:
         out_console.print(f"calibration prompts: {modality}", soft_wrap=True)
         out_console.print(describe(report.get("vision_tower")), soft_wrap=True)
     if (unrouted := report.get("unrouted_experts") or {}).get("count"):
-        out_console.print(f"experts no calibration token reached (pruned by magnitude): {unrouted['count']}", soft_wrap=True)
+        from prunesearch.pruning.stats import unrouted_line
+
+        out_console.print(unrouted_line(unrouted["count"]), soft_wrap=True)
     if pruned == goal:
         out_console.print(f"weights pruned: {pruned:,} of {total:,}, exactly {budget}", soft_wrap=True)
     else:  # N:M: each layer prunes whole multiples of 1/M
@@ -368,7 +370,9 @@ def _print_study(st, limit: int, out: Console) -> None:
         return
     out.print(f"study {st.study_name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v), highlight=False)
     if (unrouted := st.user_attrs.get(attrs.UNROUTED_EXPERTS) or {}).get("count"):
-        out.print(f"experts no calibration token reached (pruned by magnitude in every trial): {unrouted['count']}", highlight=False)
+        from prunesearch.pruning.stats import unrouted_line
+
+        out.print(unrouted_line(unrouted["count"], study=True), highlight=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         out.print("no complete trial yet: nothing to rank", highlight=False)

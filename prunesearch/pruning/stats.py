@@ -151,6 +151,11 @@ def unrouted_experts(names: list[str]) -> dict:
     return {"count": len(experts), "layers": sorted(names)}
 
 
+def unrouted_line(count: int, study: bool = False) -> str:
+    """The output line that counts them (``study``: a study's, whose every trial prunes them so)."""
+    return f"experts no calibration token reached (pruned by magnitude{' in every trial' if study else ''}): {count}"
+
+
 def _gated(module, gate_up: torch.Tensor) -> torch.Tensor:
     """act(gate) * up: the intermediate an Experts module without ``_apply_gate`` feeds down_proj."""
     gate, up = gate_up.chunk(2, dim=-1)

@@ -26,6 +26,7 @@ from prunesearch.config import StudyConfig
 from prunesearch.errors import UserError
 from prunesearch.search import attrs
 from prunesearch.preflight import check_study
+from prunesearch.pruning.stats import unrouted_line
 from prunesearch.search.dispatch import DRIVER, Dispatcher, fail_stale, requeue, transition
 from prunesearch.search.pool import EvaluatorPool, start_ray
 from prunesearch.search.storage import check_storage, claim_sqlite, mask_url, open_storage
@@ -275,7 +276,7 @@ def _record_unrouted(study: optuna.Study, info: dict, say) -> None:
     if unrouted is None:
         return
     if unrouted["count"]:
-        say(f"experts no calibration token reached (pruned by magnitude in every trial): {unrouted['count']}")
+        say(unrouted_line(unrouted["count"], study=True))
     study.set_user_attr(attrs.UNROUTED_EXPERTS, unrouted)
 
 
