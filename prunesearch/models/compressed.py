@@ -247,12 +247,14 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32):
     """The model of a compressed-tensors sparse directory, dense in memory, through transformers:
     built from its config (without the compression block, which transformers 5.x no longer reads
     for sparse formats) and given the decompressed weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from prunesearch.models.loading import auto_model_class
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = auto_model_class(config).from_config(config, dtype=dtype)  # the class that saved it (an LMM's too)
     state = decompressed_state_dict(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
