@@ -180,3 +180,26 @@ def test_exported_meta_metric_reapplies_to_the_same_masks(full, tmp_path, capsys
     assert abs(best.user_attrs["achieved_sparsity"] - 0.6) <= 0.002
     with pytest.raises(UserError, match="within 1e-09"):
         pick_trial(st, "within 1e-9")
+
+
+def test_a_trial_whose_driver_died_while_labelling_it_is_not_an_individual():
+    """A driver SIGKILLed between writing a trial's generation and its individual and vector
+    leaves a trial (failed as stale on resume) that was never evaluated: the replay skips it and
+    re-runs that individual, as for any missing one (a resume died of KeyError 'individual')."""
+    from prunesearch.search import attrs, evo, nsga3
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    half = study.ask()
+    half.set_user_attr(attrs.GENERATION, 0)
+    study.tell(half, state=TrialState.FAIL)
+    whole = study.ask()
+    for key, value in ((attrs.GENERATION, 0), (attrs.INDIVIDUAL, 1), (attrs.VECTOR, [1, 2])):
+        whole.set_user_attr(key, value)
+    study.tell(whole, [0.5, 0.25])
+    assert list(nsga3.recorded(study)) == [(0, 1)]
+    staged = optuna.create_study()
+    half = staged.ask()
+    for key, value in ((attrs.GENERATION, 0), (attrs.STAGE, 0)):
+        half.set_user_attr(key, value)
+    staged.tell(half, state=TrialState.FAIL)
+    assert evo.recorded(staged) == {}

@@ -77,7 +77,7 @@ def recorded(study: optuna.Study) -> dict[tuple[int, int, tuple[int, ...]], floa
     out: dict[tuple[int, int, tuple[int, ...]], float] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
         a = t.user_attrs
-        if attrs.STAGE not in a:
+        if attrs.STAGE not in a or attrs.VECTOR not in a:  # VECTOR written last: a driver killed while writing left none
             continue
         key = (a[attrs.GENERATION], a[attrs.STAGE], tuple(a[attrs.VECTOR]))
         if t.state == TrialState.COMPLETE:

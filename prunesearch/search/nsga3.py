@@ -112,7 +112,7 @@ def recorded(study: optuna.Study) -> dict[tuple[int, int], Recorded]:
     out: dict[tuple[int, int], Recorded] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         a = t.user_attrs
-        if attrs.GENERATION not in a:
+        if attrs.VECTOR not in a:  # written last: a driver killed while writing the others left no individual
             continue
         key = (a[attrs.GENERATION], a[attrs.INDIVIDUAL])
         if t.state == TrialState.COMPLETE:
